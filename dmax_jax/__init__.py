@@ -1,0 +1,36 @@
+"""dmax_jax: DMax (On-Policy Uniform Training and Soft Parallel Decoding) for LLaDA2-MoE in JAX."""
+
+from dmax_jax.config import ConfigError, ModelConfig, llada2_mini, load_hf_config
+from dmax_jax.hf import CheckpointError, load_hf_checkpoint
+from dmax_jax.model import (
+    KVCache,
+    block_causal_mask,
+    embed,
+    forward,
+    forward_cached,
+    forward_hidden,
+    init_cache,
+    logits_from_hidden,
+)
+from dmax_jax.params import abstract_params, count_params, init_params, param_bytes
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "KVCache",
+    "ModelConfig",
+    "abstract_params",
+    "block_causal_mask",
+    "count_params",
+    "embed",
+    "forward",
+    "forward_cached",
+    "forward_hidden",
+    "init_cache",
+    "init_params",
+    "llada2_mini",
+    "load_hf_checkpoint",
+    "load_hf_config",
+    "logits_from_hidden",
+    "param_bytes",
+]

@@ -1,0 +1,259 @@
+"""The LLaDA2-MoE forward pass as pure functions over the parameter pytree.
+
+Shape letters: B batch, L query length, S key length (cache or sequence), D
+model width, H attention heads, G key/value heads, R head_dim, V vocab.
+
+Attention masks are boolean, True = the query (row) may attend to the key
+(column), so full, block-causal and the training ``[x_t ; x_0]`` attention are
+all just masks. Dtypes: matmul inputs are in ``cfg.compute_dtype``; RMSNorm,
+RoPE, the router, the attention softmax and the logits are float32.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from dmax_jax import moe
+from dmax_jax.config import ModelConfig
+
+_NEG = jnp.finfo(jnp.float32).min
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer, ``[layers, B, S, G, R]`` per stack.
+
+  ``dense`` and ``moe`` hold the two layer stacks (None when a stack is empty).
+  A cached forward writes the keys/values of its queries at positions
+  ``start .. start + L - 1`` and attends over the whole cache under a caller
+  given ``[B, L, S]`` mask.
+  """
+
+  dense: Optional[dict]
+  moe: Optional[dict]
+
+
+def rms_norm(x, weight, eps):
+  """RMSNorm in float32, multiplied by its weight afterwards, cast back."""
+  dtype = x.dtype
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (weight.astype(jnp.float32) * x32).astype(dtype)
+
+
+def rope(x_BLHR, positions_BL, cfg: ModelConfig):
+  """Partial rotary embedding (rotate-half form) on the first ``rotary_dim`` dims of each head."""
+  rd = cfg.rotary_dim
+  if rd == 0:
+    return x_BLHR
+  dtype = x_BLHR.dtype
+  inv_freq = cfg.rope_theta ** (-jnp.arange(0, rd, 2, dtype=jnp.float32) / rd)
+  freqs = positions_BL.astype(jnp.float32)[..., None] * inv_freq  # [B, L, rd/2]
+  angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, L, 1, rd]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  x32 = x_BLHR.astype(jnp.float32)
+  rot, passthrough = x32[..., :rd], x32[..., rd:]
+  half = rd // 2
+  rotated_half = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+  rot = rot * cos + rotated_half * sin
+  return jnp.concatenate([rot, passthrough], axis=-1).astype(dtype)
+
+
+def attend(q_BLHR, k_BSGR, v_BSGR, mask_BLS):
+  """Grouped-query softmax attention; scores and softmax in float32."""
+  B, L, H, R = q_BLHR.shape
+  G = k_BSGR.shape[2]
+  q = q_BLHR.reshape(B, L, G, H // G, R)
+  scores = jnp.einsum("blgqr,bsgr->bgqls", q, k_BSGR, preferred_element_type=jnp.float32)
+  scores = scores * (R**-0.5)
+  scores = jnp.where(mask_BLS[:, None, None, :, :], scores, _NEG)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BSGR.dtype)
+  out = jnp.einsum("bgqls,bsgr->blgqr", probs, v_BSGR)
+  return out.reshape(B, L, H, R)
+
+
+def _attention(p, x_BLD, positions_BL, cfg: ModelConfig, mask, kv):
+  """Self-attention of one layer.
+
+  Without ``kv`` the keys are this call's own (``mask`` [B, L, L]). With
+  ``kv = (k_cache, v_cache, start)`` the new keys/values are written into the
+  cache at ``start`` first and the queries attend over the whole cache under
+  ``mask`` [B, L, S]. Returns (output, updated (k_cache, v_cache) or None).
+  """
+  B, L, _ = x_BLD.shape
+  H, G, R = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  dtype = x_BLD.dtype
+  qkv = (x_BLD @ p["qkv"].astype(dtype)).reshape(B, L, H + 2 * G, R)
+  q, k, v = qkv[:, :, :H], qkv[:, :, H : H + G], qkv[:, :, H + G :]
+  if cfg.use_qk_norm:
+    q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
+    k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+  q = rope(q, positions_BL, cfg)
+  k = rope(k, positions_BL, cfg)
+  new_kv = None
+  if kv is not None:
+    k_cache, v_cache, start = kv
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, start, 0, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, start, 0, 0))
+    new_kv = (k_cache, v_cache)
+    k, v = k_cache.astype(dtype), v_cache.astype(dtype)
+  out = attend(q, k, v, mask)
+  out = out.reshape(B, L, H * R) @ p["o"].astype(dtype)
+  return out, new_kv
+
+
+def _dense_mlp(p, x_BLD):
+  dtype = x_BLD.dtype
+  h = jax.nn.silu(x_BLD @ p["gate"].astype(dtype)) * (x_BLD @ p["up"].astype(dtype))
+  return h @ p["down"].astype(dtype)
+
+
+def _layer(p, x_BLD, positions_BL, cfg: ModelConfig, kind: str, mask, kv):
+  """One decoder layer: x + attn(norm(x)), then + mlp(norm(x)). Returns (x, new_kv, router)."""
+  h = rms_norm(x_BLD, p["attn_norm"], cfg.rms_norm_eps)
+  attn_out, new_kv = _attention(p, h, positions_BL, cfg, mask, kv)
+  x_BLD = x_BLD + attn_out
+  h = rms_norm(x_BLD, p["mlp_norm"], cfg.rms_norm_eps)
+  if kind == "dense":
+    mlp_out, router = _dense_mlp(p, h), None
+  else:
+    B, L, D = h.shape
+    y, router = moe.moe_mlp(p, h.reshape(B * L, D), cfg)
+    mlp_out = y.reshape(B, L, D)
+    router = jax.tree.map(lambda a: a.reshape(B, L, -1), router)
+  return x_BLD + mlp_out, new_kv, router
+
+
+def _run_stack(stack, x, positions, cfg: ModelConfig, kind: str, mask, cache, start):
+  """Runs a stack of layers (scan or Python loop). Returns (x, new cache stack, router per layer)."""
+
+  def body(x, layer):
+    p, c = layer
+    kv = None if c is None else (c["k"], c["v"], start)
+    x, new_kv, router = _layer(p, x, positions, cfg, kind, mask, kv)
+    new_c = None if new_kv is None else {"k": new_kv[0], "v": new_kv[1]}
+    return x, (new_c, router)
+
+  if cfg.remat:
+    body = jax.checkpoint(body, prevent_cse=not cfg.scan_layers)
+  if cfg.scan_layers:
+    return (lambda out: (out[0], out[1][0], out[1][1]))(jax.lax.scan(body, x, (stack, cache)))
+  num = jax.tree.leaves(stack)[0].shape[0]
+  outs = []
+  for i in range(num):
+    layer = jax.tree.map(lambda a: a[i], (stack, cache))
+    x, out = body(x, layer)
+    outs.append(out)
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else (None, None)
+  return x, stacked[0], stacked[1]
+
+
+def embed(params, config: ModelConfig, tokens):
+  """The input embeddings of ``tokens`` (rows of the embedding table)."""
+  return jnp.take(params["embed"], tokens, axis=0)
+
+
+def _inputs(params, cfg: ModelConfig, tokens, embeds, positions):
+  if (tokens is None) == (embeds is None):
+    raise ValueError("pass exactly one of tokens= or embeds=")
+  x = embed(params, cfg, tokens) if embeds is None else embeds
+  x = x.astype(jnp.dtype(cfg.compute_dtype))
+  B, L, _ = x.shape
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+  positions = jnp.broadcast_to(positions, (B, L))
+  return x, positions
+
+
+def _body(params, cfg: ModelConfig, x, positions, mask, cache: Optional[KVCache], start):
+  routers = {}
+  new_cache = {}
+  for kind in ("dense", "moe"):
+    if kind not in params:
+      new_cache[kind] = None
+      continue
+    stack_cache = None if cache is None else getattr(cache, kind)
+    x, new_cache[kind], routers[kind] = _run_stack(params[kind], x, positions, cfg, kind, mask, stack_cache, start)
+  hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+  out_cache = None if cache is None else KVCache(dense=new_cache["dense"], moe=new_cache["moe"])
+  return hidden, out_cache, routers.get("moe")
+
+
+def logits_from_hidden(params, cfg: ModelConfig, hidden_BLD):
+  """The untied lm_head, accumulated and returned in float32."""
+  dtype = hidden_BLD.dtype
+  return jnp.einsum("bld,dv->blv", hidden_BLD, params["lm_head"].astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _full_mask(mask, B, L):
+  if mask is None:
+    return jnp.ones((B, L, L), dtype=bool)
+  mask = jnp.asarray(mask)
+  if mask.dtype != jnp.bool_:
+    raise ValueError(f"mask must be boolean (True = may attend), got {mask.dtype}")
+  if mask.shape not in ((L, L), (B, L, L)):
+    raise ValueError(f"mask must be [L, L] or [B, L, L] with L={L}, B={B}; got {mask.shape}")
+  return jnp.broadcast_to(mask, (B, L, L))
+
+
+def forward_hidden(params, config: ModelConfig, *, tokens=None, embeds=None, positions=None, mask=None):
+  """Like ``forward`` but returns (final-norm hidden [B, L, D], router choices).
+
+  Router choices are ``(ids, weights)``, each ``[moe_layers, B, L, top_k]``, or
+  None when the model has no MoE layer.
+  """
+  x, positions = _inputs(params, config, tokens, embeds, positions)
+  B, L, _ = x.shape
+  hidden, _, router = _body(params, config, x, positions, _full_mask(mask, B, L), None, 0)
+  return hidden, router
+
+
+def forward(params, config: ModelConfig, *, tokens=None, embeds=None, positions=None, mask=None):
+  """Logits ``[B, L, V]`` (float32) for token ids ``[B, L]`` or input embeddings ``[B, L, D]``.
+
+  ``mask`` is boolean ``[L, L]`` or ``[B, L, L]`` (True = may attend), None for
+  full bidirectional attention; ``positions`` ``[L]`` or ``[B, L]``, None for
+  ``0..L-1``.
+  """
+  hidden, _ = forward_hidden(params, config, tokens=tokens, embeds=embeds, positions=positions, mask=mask)
+  return logits_from_hidden(params, config, hidden)
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
+  """A zeroed KV cache for ``batch`` sequences of up to ``length`` positions."""
+  dtype = jnp.dtype(dtype or config.compute_dtype)
+  shape = (batch, length, config.num_key_value_heads, config.head_dim)
+
+  def stack(n):
+    if n == 0:
+      return None
+    return {"k": jnp.zeros((n,) + shape, dtype), "v": jnp.zeros((n,) + shape, dtype)}
+
+  return KVCache(dense=stack(config.num_dense_layers), moe=stack(config.num_moe_layers))
+
+
+def forward_cached(
+    params, config: ModelConfig, cache: KVCache, *, start, kv_mask, tokens=None, embeds=None, positions=None,
+    return_hidden: bool = False,
+):
+  """A forward of L queries that writes their keys/values into ``cache`` at ``start``.
+
+  The queries attend over the whole cache (length S) under ``kv_mask`` [B, L, S]
+  (True = may attend); their own keys are in it, at ``start .. start + L - 1``.
+  Returns (logits [B, L, V] float32, updated cache), or (hidden, cache) with
+  ``return_hidden``.
+  """
+  x, positions = _inputs(params, config, tokens, embeds, positions)
+  hidden, cache, _ = _body(params, config, x, positions, kv_mask, cache, start)
+  if return_hidden:
+    return hidden, cache
+  return logits_from_hidden(params, config, hidden), cache
+
+
+def block_causal_mask(length: int, block: int):
+  """``[q, k]`` True iff ``k // block <= q // block``."""
+  idx = jnp.arange(length) // block
+  return idx[None, :] <= idx[:, None]

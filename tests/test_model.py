@@ -1,0 +1,177 @@
+"""The LLaDA2-MoE forward against the PyTorch reference's golden outputs, and its internal equivalences."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dmax_jax
+from dmax_jax import model as model_lib
+from conftest import with_numerics
+
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["grouped", "dense"])
+def test_golden_logits(tiny, golden, backend):
+  cfg, params = tiny
+  cfg = with_numerics(cfg, moe_backend=backend)
+  ids, pos = golden["input_ids"], golden["position_ids"]
+  np.testing.assert_allclose(dmax_jax.forward(params, cfg, tokens=ids, positions=pos), golden["logits_full"], **TOL)
+  np.testing.assert_allclose(
+      dmax_jax.forward(params, cfg, tokens=ids, positions=pos, mask=golden["mask_block_causal"]),
+      golden["logits_block_causal"], **TOL)
+  np.testing.assert_allclose(dmax_jax.forward(params, cfg, embeds=golden["inputs_embeds"]), golden["logits_embeds"], **TOL)
+  hidden, _ = dmax_jax.forward_hidden(params, cfg, tokens=ids)
+  np.testing.assert_allclose(hidden, golden["hidden_final"], **TOL)
+
+
+def test_golden_router(tiny, golden):
+  cfg, params = tiny
+  _, (ids, weights) = dmax_jax.forward_hidden(params, cfg, tokens=golden["input_ids"])
+  for layer in (1, 2):
+    i = np.asarray(ids[layer - 1, 0])
+    w = np.asarray(weights[layer - 1, 0])
+    order = np.argsort(i, axis=1)
+    np.testing.assert_array_equal(np.take_along_axis(i, order, 1), golden[f"router_topk_idx_layer{layer}"])
+    np.testing.assert_allclose(np.take_along_axis(w, order, 1), golden[f"router_topk_weight_layer{layer}"], atol=1e-5, rtol=0)
+
+
+def test_embed_is_the_forward_input(tiny, golden):
+  cfg, params = tiny
+  ids = golden["input_ids"]
+  e = dmax_jax.embed(params, cfg, ids)
+  assert e.shape == ids.shape + (cfg.hidden_size,)
+  np.testing.assert_array_equal(dmax_jax.forward(params, cfg, embeds=e), dmax_jax.forward(params, cfg, tokens=ids))
+  mix = 0.6 * e + 0.4 * dmax_jax.embed(params, cfg, jnp.full_like(ids, cfg.mask_token_id))
+  np.testing.assert_allclose(mix, golden["inputs_embeds"], rtol=1e-6, atol=1e-6)
+
+
+def test_batched_mask_equals_shared_mask(tiny, golden):
+  cfg, params = tiny
+  m = golden["mask_block_causal"]
+  a = dmax_jax.forward(params, cfg, tokens=golden["input_ids"], mask=m)
+  b = dmax_jax.forward(params, cfg, tokens=golden["input_ids"], mask=np.stack([m, m]))
+  np.testing.assert_array_equal(a, b)
+
+
+def test_mask_really_blocks(tiny, golden):
+  """Changing a token only changes the logits of queries allowed to see it."""
+  cfg, params = tiny
+  m = golden["mask_block_causal"]
+  ids = golden["input_ids"].copy()
+  a = np.asarray(dmax_jax.forward(params, cfg, tokens=ids, mask=m))
+  ids[:, 20] = (ids[:, 20] + 1) % 500
+  b = np.asarray(dmax_jax.forward(params, cfg, tokens=ids, mask=m))
+  np.testing.assert_array_equal(a[:, :16], b[:, :16])  # blocks 0, 1 cannot see block 2
+  assert np.abs(a[:, 16:] - b[:, 16:]).max() > 1e-3
+
+
+def test_kv_cache_block_equals_block_causal(tiny, golden):
+  cfg, params = tiny
+  ids = golden["input_ids"]
+  B, L = ids.shape
+  K = 8
+  want = dmax_jax.forward(params, cfg, tokens=ids, mask=golden["mask_block_causal"])
+  S = 32  # room beyond the sequence, as a decoding cache has
+  cache = dmax_jax.init_cache(cfg, B, S)
+  step = jax.jit(dmax_jax.forward_cached, static_argnums=1)
+  key_block = np.arange(S) // K
+  for start in range(0, L, K):
+    q_block = (start + np.arange(K)) // K
+    kv_mask = np.broadcast_to(key_block[None, :] <= q_block[:, None], (B, K, S))
+    pos = np.broadcast_to(np.arange(start, start + K), (B, K))
+    got, cache = step(params, cfg, cache, tokens=ids[:, start:start + K], positions=pos, start=start, kv_mask=kv_mask)
+    np.testing.assert_allclose(got, want[:, start:start + K], rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_two_blocks_at_once(tiny, golden):
+  """A 2K-query forward (previous block recomputed with the current one) matches too."""
+  cfg, params = tiny
+  ids = golden["input_ids"]
+  B, L = ids.shape
+  want = dmax_jax.forward(params, cfg, tokens=ids, mask=golden["mask_block_causal"])
+  cache = dmax_jax.init_cache(cfg, B, L)
+  blk = np.arange(L) // 8
+  full = blk[None, :] <= blk[:, None]
+  _, cache = dmax_jax.forward_cached(params, cfg, cache, tokens=ids[:, :8], start=0, kv_mask=np.broadcast_to(full[:8], (B, 8, L)))
+  got, _ = dmax_jax.forward_cached(
+      params, cfg, cache, tokens=ids[:, 8:], positions=np.arange(8, L), start=8, kv_mask=np.broadcast_to(full[8:], (B, 16, L)))
+  np.testing.assert_allclose(got, want[:, 8:], rtol=1e-5, atol=1e-5)
+
+
+def test_scan_equals_loop(tiny, golden):
+  cfg, params = tiny
+  ids, m = golden["input_ids"], golden["mask_block_causal"]
+  a = dmax_jax.forward(params, with_numerics(cfg, scan_layers=True), tokens=ids, mask=m)
+  b = dmax_jax.forward(params, with_numerics(cfg, scan_layers=False), tokens=ids, mask=m)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
+
+
+def test_grouped_equals_dense_moe(tiny):
+  cfg, params = tiny
+  ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 40))
+  a = dmax_jax.forward(params, with_numerics(cfg, moe_backend="grouped"), tokens=ids)
+  b = dmax_jax.forward(params, with_numerics(cfg, moe_backend="dense"), tokens=ids)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_jit_equals_eager(tiny, golden):
+  cfg, params = tiny
+  ids = golden["input_ids"]
+  with jax.disable_jit():
+    eager = dmax_jax.forward(params, cfg, tokens=ids)
+  jitted = jax.jit(dmax_jax.forward, static_argnums=1)(params, cfg, tokens=ids)
+  np.testing.assert_allclose(eager, jitted, rtol=1e-5, atol=1e-5)
+
+
+def test_remat_gradients_equal(tiny, golden):
+  cfg, params = tiny
+  ids = golden["input_ids"]
+
+  def loss(p, c):
+    return jnp.mean(jax.nn.log_softmax(dmax_jax.forward(p, c, tokens=ids))[..., 0])
+
+  g1 = jax.grad(loss)(params, with_numerics(cfg, remat=False))
+  g2 = jax.grad(loss)(params, with_numerics(cfg, remat=True))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
+
+
+def test_bf16_compute_close_and_fp32_logits(tiny, golden):
+  cfg, params = tiny
+  logits = dmax_jax.forward(params, with_numerics(cfg, compute_dtype="bfloat16"), tokens=golden["input_ids"])
+  assert logits.dtype == jnp.float32
+  err = np.linalg.norm(logits - golden["logits_full"]) / np.linalg.norm(golden["logits_full"])
+  assert err < 6e-2, err  # bf16 rounding (~3e-2 here), far from a wrong model (~1)
+
+
+def test_bad_mask_is_rejected(tiny, golden):
+  cfg, params = tiny
+  with pytest.raises(ValueError, match="boolean"):
+    dmax_jax.forward(params, cfg, tokens=golden["input_ids"], mask=np.ones((24, 24), np.float32))
+  with pytest.raises(ValueError, match=r"\[L, L\]"):
+    dmax_jax.forward(params, cfg, tokens=golden["input_ids"], mask=np.ones((23, 23), bool))
+
+
+def test_full_size_param_count_without_allocating():
+  cfg = dmax_jax.llada2_mini()
+  abstract = jax.eval_shape(lambda k: dmax_jax.init_params(cfg, k, jnp.bfloat16), jax.random.key(0))
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
+  assert n == dmax_jax.count_params(cfg) == 16_255_643_392
+  assert sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract)) == 2 * n  # 32.5 GB in bf16
+  assert abstract["moe"]["w_gate"].shape == (19, 256, 2048, 512)
+  assert abstract["dense"]["qkv"].shape == (1, 2048, (16 + 8) * 128)
+
+
+def test_model_helpers_match_hand_computation():
+  """RMSNorm and the rotate-half RoPE on small hand-checked inputs."""
+  x = jnp.array([[3.0, 4.0]])
+  np.testing.assert_allclose(model_lib.rms_norm(x, jnp.array([1.0, 2.0]), 0.0), [[3 / np.sqrt(12.5), 8 / np.sqrt(12.5)]], rtol=1e-6)
+  cfg = dmax_jax.llada2_mini()
+  q = jnp.arange(128, dtype=jnp.float32).reshape(1, 1, 1, 128)
+  out = model_lib.rope(q, jnp.array([[1]]), cfg)
+  # First frequency pair (dims 0 and 32) rotates by angle 1 rad; dims >= 64 pass through.
+  c, s = np.cos(1.0), np.sin(1.0)
+  np.testing.assert_allclose(out[0, 0, 0, 0], 0 * c - 32 * s, rtol=1e-5)
+  np.testing.assert_allclose(out[0, 0, 0, 32], 32 * c + 0 * s, rtol=1e-5)
+  np.testing.assert_array_equal(out[0, 0, 0, 64:], q[0, 0, 0, 64:])
