@@ -21,6 +21,7 @@ from dmax_jax.config import ConfigError, ModelConfig, load_hf_config
 from dmax_jax.params import layer_shapes, param_shapes
 
 SUPPORTED_DTYPES = ("F32", "F16", "BF16", "F64")
+_NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "F64": np.float64}
 
 
 class CheckpointError(ValueError):
@@ -122,7 +123,7 @@ class SafetensorsReader:
     index_path = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     self.path = path
-    self._handles = {}
+    self._layout: dict[str, tuple[int, dict]] = {}  # shard -> (data start, header)
     self._where: dict[str, str] = {}
     if os.path.exists(index_path):
       try:
@@ -154,8 +155,7 @@ class SafetensorsReader:
         names = list(handle.keys())
       except Exception as e:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"{fpath}: not a readable safetensors file ({e})") from None
-      self._check_size(fpath, handle)
-      self._handles[shard] = handle
+      self._layout[shard] = self._check_size(fpath, handle)
       for name in names:
         self._where[name] = shard
     if weight_map is not None:
@@ -176,6 +176,7 @@ class SafetensorsReader:
       if name != "__metadata__" and info["dtype"] not in SUPPORTED_DTYPES:
         raise CheckpointError(f"{fpath}: tensor {name!r} has unsupported dtype {info['dtype']} (need one of {SUPPORTED_DTYPES})")
     del handle
+    return 8 + header_len, header
 
   def names(self) -> list[str]:
     return list(self._where)
@@ -189,7 +190,15 @@ class SafetensorsReader:
   def get(self, name: str) -> np.ndarray:
     if name not in self._where:
       raise CheckpointError(f"{self.path}: missing tensor {name!r}")
-    return self._handles[self._where[name]].get_tensor(name)
+    start, header = self._layout[self._where[name]]
+    info = header[name]
+    begin, end = info["data_offsets"]
+    dtype = np.dtype(_NP_DTYPES[info["dtype"]])
+    # Plain reads, not safetensors' mmap: mapped pages stay resident and would grow with the files.
+    with open(self.file_of(name), "rb") as f:
+      f.seek(start + begin)
+      data = np.fromfile(f, dtype=dtype, count=(end - begin) // dtype.itemsize)
+    return data.reshape(info["shape"])
 
 
 def detect_merged_experts(cfg: ModelConfig, names) -> bool:
@@ -255,7 +264,7 @@ def load_hf_checkpoint(path: str, dtype=jnp.float32, **numerics):
   return cfg, params
 
 
-_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+_SAFETENSORS_DTYPES = {np.dtype(v).name: k for k, v in _NP_DTYPES.items()}
 
 
 def _write_safetensors(fpath: str, specs, values) -> None:
