@@ -26,7 +26,8 @@ import json
 import math
 import os
 import shutil
-from typing import Any, Optional
+import sys
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -262,11 +263,14 @@ def load_checkpoint(path: str, dtype=None, sharding=None, **numerics) -> tuple[M
   cfg = _load_config(os.path.join(path, CONFIG_FILE), **numerics)
   params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
   ckptr = ocp.PyTreeCheckpointer()
-  stored = ckptr.metadata(params_dir).item_metadata.tree
+  stored, _ = jax.tree.flatten_with_path(ckptr.metadata(params_dir).item_metadata.tree)
+  got = {tuple(k.key for k in p): tuple(m.shape) for p, m in stored}
+  want = _leaf_paths(cfg)
+  for leaf in sorted(set(want) | set(got)):
+    if want.get(leaf) != got.get(leaf):
+      raise CheckpointError(f"{params_dir}: leaf {'.'.join(leaf)} is stored with shape {got.get(leaf)}, "
+                            f"which does not match {CONFIG_FILE} ({want.get(leaf)})")
   shapes = param_shapes(cfg)
-  got = jax.tree.map(lambda m: tuple(m.shape), stored)
-  if got != shapes:
-    raise CheckpointError(f"{params_dir}: stored shapes {got} do not match {path}/{CONFIG_FILE}")
   shardings = _broadcast_sharding(sharding, shapes)
   restore_args = jax.tree.map(
       lambda shape, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=shape, dtype=dtype), shapes, shardings,
@@ -316,3 +320,14 @@ def export_hf(checkpoint: str, out_dir: str, shard_bytes: int = 5 * 10**9, dtype
   extra = {n: os.path.join(checkpoint, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(checkpoint, n))}
   with bar:
     save_hf_checkpoint(leaves, cfg, out_dir, shard_bytes=shard_bytes, dtype=dtype, extra_files=extra)
+
+
+def run_cli(action: Callable[[], Any], out: str) -> int:
+  """Runs a CLI's ``action``: a ``CheckpointError`` becomes ``error: ...`` on stderr and exit status 2."""
+  try:
+    action()
+  except CheckpointError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {out}")
+  return 0

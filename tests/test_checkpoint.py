@@ -245,7 +245,7 @@ def test_load_checkpoint_errors(tmp_path, converted):
   cfg = json.load(open(bad / "config.json"))
   cfg["num_hidden_layers"] = 4
   (bad / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(ckpt_lib.CheckpointError, match="do not match"):
+  with pytest.raises(ckpt_lib.CheckpointError, match="does not match config.json"):
     ckpt_lib.load_checkpoint(str(bad))
 
 
@@ -260,3 +260,15 @@ def test_streamed_safetensors_match_the_library_reader(tiny, tmp_path):
   with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="np") as f:
     assert f.metadata() == {"format": "pt"}
     np.testing.assert_array_equal(f.get_tensor("model.norm.weight"), np.asarray(params["final_norm"]).astype(jnp.bfloat16))
+
+
+@pytest.mark.slow
+def test_conversion_memory_does_not_grow_with_layers(tmp_path):
+  """Peak RSS of convert/export stays flat from 2 to 12 layers (tools/bench_convert_memory.py, scaled down)."""
+  bench = _tool("bench_convert_memory")
+  model = ["--hidden", "512", "--experts", "32", "--expert-width", "256"]
+  small, large = (bench.bench(n, str(tmp_path), model) for n in (2, 12))
+  grown = large["hf_gib"] - small["hf_gib"]
+  assert grown > 0.2
+  for key in ("convert_rss", "export_rss"):
+    assert large[key] - small[key] < 0.1 * grown, (key, small, large)

@@ -9,8 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from dmax_jax.checkpoint import convert_hf
-from dmax_jax.hf import CheckpointError
+from dmax_jax.checkpoint import convert_hf, run_cli
 
 
 def main(argv=None) -> int:
@@ -19,13 +18,7 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True, help="new output directory (must not hold files)")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="stored parameter dtype")
   args = parser.parse_args(argv)
-  try:
-    convert_hf(args.hf, args.out, dtype=args.dtype)
-  except CheckpointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"wrote {args.out}")
-  return 0
+  return run_cli(lambda: convert_hf(args.hf, args.out, dtype=args.dtype), args.out)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from dmax_jax.checkpoint import export_hf
-from dmax_jax.hf import CheckpointError
+from dmax_jax.checkpoint import export_hf, run_cli
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -30,13 +29,7 @@ def main(argv=None) -> int:
   parser.add_argument("--shard-size", type=parse_size, default="5GB", help="bytes per safetensors shard")
   parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: the stored dtype")
   args = parser.parse_args(argv)
-  try:
-    export_hf(args.checkpoint, args.out, shard_bytes=args.shard_size, dtype=args.dtype)
-  except CheckpointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"wrote {args.out}")
-  return 0
+  return run_cli(lambda: export_hf(args.checkpoint, args.out, shard_bytes=args.shard_size, dtype=args.dtype), args.out)
 
 
 if __name__ == "__main__":
