@@ -160,13 +160,10 @@ class _Staging:
     return False
 
 
-def _copy_tokenizer(src_dir: Optional[str], dst_dir: str) -> list[str]:
-  copied = []
+def _copy_tokenizer(src_dir: Optional[str], dst_dir: str) -> None:
   for name in TOKENIZER_FILES if src_dir else ():
     if os.path.isfile(os.path.join(src_dir, name)):
       shutil.copyfile(os.path.join(src_dir, name), os.path.join(dst_dir, name))
-      copied.append(name)
-  return copied
 
 
 def _write_config(cfg: ModelConfig, out_dir: str) -> None:
@@ -208,7 +205,7 @@ def save_checkpoint(params, cfg: ModelConfig, path: str, tokenizer_dir: Optional
   """Writes in-memory params (device or host arrays) as a params checkpoint.
 
   The layout is ``convert_hf``'s; leaves are pulled to the host one layer
-  slice at a time. Single-process only (any number of local devices); use
+  slice at a time and stored in ``dtype`` (default: the params' dtype). Single-process only (any number of local devices); use
   ``train_checkpoint`` for multi-host training state.
   """
   if jax.process_count() > 1:
