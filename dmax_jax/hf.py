@@ -21,6 +21,7 @@ from dmax_jax.config import ConfigError, ModelConfig, load_hf_config
 from dmax_jax.params import layer_shapes, param_shapes
 
 SUPPORTED_DTYPES = ("F32", "F16", "BF16", "F64")
+_NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "F64": np.float64}
 
 
 class CheckpointError(ValueError):
@@ -122,7 +123,7 @@ class SafetensorsReader:
     index_path = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     self.path = path
-    self._handles = {}
+    self._layout: dict[str, tuple[int, dict]] = {}  # shard -> (data start, header)
     self._where: dict[str, str] = {}
     if os.path.exists(index_path):
       try:
@@ -154,8 +155,7 @@ class SafetensorsReader:
         names = list(handle.keys())
       except Exception as e:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"{fpath}: not a readable safetensors file ({e})") from None
-      self._check_size(fpath, handle)
-      self._handles[shard] = handle
+      self._layout[shard] = self._check_size(fpath, handle)
       for name in names:
         self._where[name] = shard
     if weight_map is not None:
@@ -176,6 +176,7 @@ class SafetensorsReader:
       if name != "__metadata__" and info["dtype"] not in SUPPORTED_DTYPES:
         raise CheckpointError(f"{fpath}: tensor {name!r} has unsupported dtype {info['dtype']} (need one of {SUPPORTED_DTYPES})")
     del handle
+    return 8 + header_len, header
 
   def names(self) -> list[str]:
     return list(self._where)
@@ -189,7 +190,15 @@ class SafetensorsReader:
   def get(self, name: str) -> np.ndarray:
     if name not in self._where:
       raise CheckpointError(f"{self.path}: missing tensor {name!r}")
-    return self._handles[self._where[name]].get_tensor(name)
+    start, header = self._layout[self._where[name]]
+    info = header[name]
+    begin, end = info["data_offsets"]
+    dtype = np.dtype(_NP_DTYPES[info["dtype"]])
+    # Plain reads, not safetensors' mmap: mapped pages stay resident and would grow with the files.
+    with open(self.file_of(name), "rb") as f:
+      f.seek(start + begin)
+      data = np.fromfile(f, dtype=dtype, count=(end - begin) // dtype.itemsize)
+    return data.reshape(info["shape"])
 
 
 def detect_merged_experts(cfg: ModelConfig, names) -> bool:
@@ -255,6 +264,27 @@ def load_hf_checkpoint(path: str, dtype=jnp.float32, **numerics):
   return cfg, params
 
 
+_SAFETENSORS_DTYPES = {np.dtype(v).name: k for k, v in _NP_DTYPES.items()}
+
+
+def _write_safetensors(fpath: str, specs, values) -> None:
+  """Writes one safetensors file streaming: the header from ``specs`` [(name, shape, dtype)]
+  first, then each array of the iterable ``values`` (same order) as it arrives."""
+  header, offset = {"__metadata__": {"format": "pt"}}, 0
+  for name, shape, dt in specs:
+    nbytes = int(np.prod(shape)) * dt.itemsize
+    header[name] = {"dtype": _SAFETENSORS_DTYPES[dt.name], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+  with open(fpath, "wb") as f:
+    f.write(len(blob).to_bytes(8, "little") + blob)
+    for (name, shape, dt), value in zip(specs, values, strict=True):
+      if value.shape != tuple(shape) or value.dtype != dt:
+        raise ValueError(f"{fpath}: {name} is {value.dtype}{value.shape}, header says {dt}{tuple(shape)}")
+      f.write(np.ascontiguousarray(value).tobytes())
+
+
 def save_hf_checkpoint(
     params, cfg: ModelConfig, out_dir: str, *, shard_bytes: int = 5 * 10**9, merged_experts: bool = False,
     dtype=None, extra_files: Optional[dict[str, str]] = None,
@@ -264,12 +294,12 @@ def save_hf_checkpoint(
   One ``model.safetensors`` when everything fits in ``shard_bytes``, else
   ``model-0000K-of-0000N.safetensors`` plus ``model.safetensors.index.json``.
   ``params`` leaves may be any array type NumPy can read slices of (device
-  arrays, NumPy arrays, lazily read tensorstore views); they are pulled one
-  HF tensor at a time. The directory is written under a temporary name and
-  renamed at the end, so a crash leaves no half-written checkpoint.
+  arrays, NumPy arrays, lazily read tensorstore views); they are pulled and
+  written one HF tensor at a time, so only one tensor is ever in memory.
+  The directory is written under a temporary name and renamed at the end,
+  so a crash leaves no half-written checkpoint.
   ``extra_files`` maps file names to source paths copied beside the weights.
   """
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   import shutil  # pylint: disable=import-outside-toplevel
 
   if os.path.exists(out_dir):
@@ -282,7 +312,8 @@ def save_hf_checkpoint(
     table = weight_table(cfg, merged_experts=merged_experts)
     shards: list[list[Entry]] = [[]]
     size = 0
-    itemsize = lambda e: np.dtype(dtype or _get_leaf(params, e.leaf).dtype).itemsize  # noqa: E731
+    out_dtype = lambda e: np.dtype(jnp.dtype(dtype) if dtype is not None else _get_leaf(params, e.leaf).dtype)  # noqa: E731
+    itemsize = lambda e: out_dtype(e).itemsize  # noqa: E731
     for e in table:
       nbytes = int(np.prod(e.shape)) * itemsize(e)
       if shards[-1] and size + nbytes > shard_bytes:
@@ -292,18 +323,17 @@ def save_hf_checkpoint(
       size += nbytes
     n = len(shards)
     weight_map = {}
+
+    def pull(e):
+      leaf = _get_leaf(params, e.leaf)
+      value = np.asarray(leaf[e.index] if e.index else leaf[...]).astype(out_dtype(e), copy=False)
+      return to_hf_layout(e, value)
+
     for k, entries in enumerate(shards):
       fname = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-      tensors = {}
-      for e in entries:
-        leaf = _get_leaf(params, e.leaf)
-        value = np.asarray(leaf[e.index] if e.index else leaf[...])
-        if dtype is not None:
-          value = value.astype(np.dtype(jnp.dtype(dtype)))
-        tensors[e.hf_name] = np.ascontiguousarray(to_hf_layout(e, value))
-        weight_map[e.hf_name] = fname
-      save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
-      del tensors
+      _write_safetensors(os.path.join(tmp, fname), [(e.hf_name, e.shape, out_dtype(e)) for e in entries],
+                         (pull(e) for e in entries))
+      weight_map.update({e.hf_name: fname for e in entries})
     if n > 1:
       total = sum(int(np.prod(e.shape)) * itemsize(e) for e in table)
       with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:

@@ -1,0 +1,330 @@
+"""Params-only checkpoints: streaming Hugging Face conversion, restore, export.
+
+A converted checkpoint is a directory
+
+  CKPT/config.json        the model config (Hugging Face ``config.json`` keys)
+  CKPT/params/            an Orbax PyTree checkpoint of the parameter tree
+  CKPT/tokenizer*.json    tokenizer files copied from the source, if any
+
+``params/`` uses Orbax's non-OCDBT layout: ``_METADATA`` plus one zarr (v2,
+zstd) array per leaf, named by its dotted key path (``moe.w_gate``). Each
+array is chunked by HF tensor: one chunk per layer (and per expert) slice, so
+conversion can write, and export can read, one Hugging Face tensor at a time.
+Conversion therefore never holds more than a few tensors in memory however
+many layers there are, and ``orbax.checkpoint`` restores the result like any
+checkpoint it wrote itself (``load_checkpoint``, optionally straight onto a
+device sharding).
+
+Everything is written under ``CKPT.partial`` and renamed at the end, so a
+failure leaves no half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import shutil
+import sys
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dmax_jax.config import ConfigError, ModelConfig, load_hf_config
+from dmax_jax.hf import (
+    CheckpointError, SafetensorsReader, from_hf_layout, iter_checked, save_hf_checkpoint, weight_table,
+)
+from dmax_jax.params import param_shapes
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+PARAMS_DIR = "params"
+CONFIG_FILE = "config.json"
+MAX_CHUNK_BYTES = 64 * 2**20  # split chunks of big top-level leaves (embed, lm_head) below this
+_PENDING_WRITES = 4  # tensors in flight while converting (overlaps reading with compressing)
+
+
+def _is_shape(x):
+  return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+
+
+def _leaf_paths(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Every leaf's key path -> its full shape."""
+  flat, _ = jax.tree.flatten_with_path(param_shapes(cfg), is_leaf=_is_shape)
+  return {tuple(k.key for k in path): shape for path, shape in flat}
+
+
+def chunk_shapes(cfg: ModelConfig, dtype) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """The zarr chunk of every leaf: one Hugging Face tensor (separate-expert layout).
+
+  Stacked leaves get ``(1, [1,] *rest)`` (one layer, one expert); top-level
+  leaves are split along their first axis to stay under ``MAX_CHUNK_BYTES``.
+  """
+  depth = collections.defaultdict(int)
+  for e in weight_table(cfg, merged_experts=False):
+    depth[e.leaf] = max(depth[e.leaf], len(e.index))
+  itemsize = np.dtype(dtype).itemsize
+  out = {}
+  for leaf, shape in _leaf_paths(cfg).items():
+    chunk = (1,) * depth[leaf] + shape[depth[leaf]:]
+    if depth[leaf] == 0 and len(shape) > 1:
+      row_bytes = math.prod(shape[1:]) * itemsize
+      chunk = (max(1, min(shape[0], MAX_CHUNK_BYTES // row_bytes)),) + shape[1:]
+    out[leaf] = chunk
+  return out
+
+
+def _zarr_dtype(dtype) -> str:
+  dtype = np.dtype(dtype)
+  return "bfloat16" if dtype == jnp.bfloat16 else dtype.str
+
+
+def _leaf_spec(params_dir: str, leaf: tuple[str, ...]) -> dict:
+  return {"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.join(params_dir, ".".join(leaf))}}
+
+
+class ParamsWriter:
+  """Creates the zarr leaves of an Orbax params checkpoint and writes them slice by slice.
+
+  ``write(leaf, index, value)`` stores ``value`` at ``params[leaf][index]``;
+  at most ``_PENDING_WRITES`` writes are in flight. ``finish()`` waits for
+  them and writes Orbax's ``_METADATA``, after which ``ocp`` can restore it.
+  """
+
+  def __init__(self, params_dir: str, cfg: ModelConfig, dtype):
+    import tensorstore as ts  # pylint: disable=import-outside-toplevel
+
+    self.dir = params_dir
+    self.dtype = np.dtype(dtype)
+    self._pending = collections.deque()
+    os.makedirs(params_dir, exist_ok=True)
+    chunks = chunk_shapes(cfg, self.dtype)
+    self.arrays = {}
+    for leaf, shape in _leaf_paths(cfg).items():
+      spec = _leaf_spec(params_dir, leaf)
+      spec["metadata"] = {
+          "shape": list(shape), "chunks": list(chunks[leaf]), "dtype": _zarr_dtype(self.dtype),
+          "compressor": {"id": "zstd", "level": 1},
+      }
+      self.arrays[leaf] = ts.open(spec, create=True).result()
+
+  def write(self, leaf: tuple[str, ...], index: tuple[int, ...], value) -> None:
+    value = np.asarray(value, self.dtype)
+    target = self.arrays[leaf][index] if index else self.arrays[leaf]
+    if tuple(target.shape) != value.shape:
+      raise CheckpointError(f"{self.dir}: {'.'.join(leaf)}{list(index)} needs shape {tuple(target.shape)}, got {value.shape}")
+    self._pending.append((target.write(value), value))
+    while len(self._pending) > _PENDING_WRITES:
+      self._pending.popleft()[0].result()
+
+  def finish(self) -> None:
+    while self._pending:
+      self._pending.popleft()[0].result()
+    tree = {}
+    for leaf in self.arrays:
+      tree[str(leaf)] = {
+          "key_metadata": [{"key": k, "key_type": 2} for k in leaf],  # 2 = dict key
+          "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False},
+      }
+    metadata = {
+        "tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
+        "store_array_data_equal_to_fill_value": True, "custom_metadata": None,
+    }
+    with open(os.path.join(self.dir, "_METADATA"), "w") as f:
+      json.dump(metadata, f)
+
+
+class _Staging:
+  """``with _Staging(out) as tmp:`` writes into ``out.partial``, renamed to ``out`` on success."""
+
+  def __init__(self, out_dir: str):
+    out_dir = out_dir.rstrip("/")
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+      raise CheckpointError(f"{out_dir}: already exists and is not empty; choose a new output directory")
+    self.out, self.tmp = out_dir, out_dir + ".partial"
+
+  def __enter__(self) -> str:
+    shutil.rmtree(self.tmp, ignore_errors=True)
+    os.makedirs(self.tmp)
+    return self.tmp
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is None:
+      if os.path.isdir(self.out):
+        os.rmdir(self.out)  # empty (checked above)
+      os.rename(self.tmp, self.out)
+    else:
+      shutil.rmtree(self.tmp, ignore_errors=True)
+    return False
+
+
+def _copy_tokenizer(src_dir: Optional[str], dst_dir: str) -> None:
+  for name in TOKENIZER_FILES if src_dir else ():
+    if os.path.isfile(os.path.join(src_dir, name)):
+      shutil.copyfile(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+
+
+def _write_config(cfg: ModelConfig, out_dir: str) -> None:
+  with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+    json.dump(cfg.to_hf_dict(), f, indent=2)
+
+
+def _load_config(path: str, **numerics) -> ModelConfig:
+  try:
+    return load_hf_config(path, **numerics)
+  except ConfigError as e:
+    raise CheckpointError(str(e)) from None
+
+
+def convert_hf(hf_dir: str, out_dir: str, dtype=jnp.float32, progress: bool = True) -> ModelConfig:
+  """Hugging Face checkpoint directory -> params checkpoint, one tensor at a time.
+
+  Every tensor's name and shape is checked (``iter_checked``) and written
+  into its slice of the stacked leaf; peak memory is a few tensors (the
+  largest being the embedding), independent of the number of layers.
+  """
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+  staging = _Staging(out_dir)
+  reader = SafetensorsReader(hf_dir)  # checks the directory, the index, every shard's size and dtypes
+  cfg = _load_config(hf_dir)
+  with staging as tmp:
+    writer = ParamsWriter(os.path.join(tmp, PARAMS_DIR), cfg, jnp.dtype(dtype))
+    total = len(reader.names())
+    for e, tensor in tqdm(iter_checked(reader, cfg), total=total, desc="convert", unit="tensor", disable=not progress):
+      writer.write(e.leaf, e.index, from_hf_layout(e, tensor))
+    writer.finish()
+    _write_config(cfg, tmp)
+    _copy_tokenizer(hf_dir, tmp)
+  return cfg
+
+
+def save_checkpoint(params, cfg: ModelConfig, path: str, tokenizer_dir: Optional[str] = None, dtype=None) -> None:
+  """Writes in-memory params (device or host arrays) as a params checkpoint.
+
+  The layout is ``convert_hf``'s; leaves are pulled to the host one layer
+  slice at a time and stored in ``dtype`` (default: the params' dtype). Single-process only (any number of local devices); use
+  ``train_checkpoint`` for multi-host training state.
+  """
+  if jax.process_count() > 1:
+    raise CheckpointError(f"{path}: save_checkpoint writes from one process; use train_checkpoint on multi-host runs")
+  want = _leaf_paths(cfg)
+  flat, _ = jax.tree.flatten_with_path(params)
+  leaves = {tuple(k.key for k in p): x for p, x in flat}
+  if set(leaves) != set(want):
+    raise CheckpointError(f"{path}: params do not match the config (leaves {sorted(set(leaves) ^ set(want))})")
+  dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(jax.tree.leaves(params)[0].dtype)
+  with _Staging(path) as tmp:
+    writer = ParamsWriter(os.path.join(tmp, PARAMS_DIR), cfg, dtype)
+    for leaf, x in leaves.items():
+      if tuple(x.shape) != want[leaf]:
+        raise CheckpointError(f"{path}: params leaf {'.'.join(leaf)} has shape {tuple(x.shape)}, expected {want[leaf]}")
+      if len(x.shape) > 1 and leaf[0] in ("dense", "moe"):
+        for j in range(x.shape[0]):
+          writer.write(leaf, (j,), np.asarray(x[j]))
+      else:
+        writer.write(leaf, (), np.asarray(x))
+    writer.finish()
+    _write_config(cfg, tmp)
+    _copy_tokenizer(tokenizer_dir, tmp)
+
+
+def _check_dir(path: str) -> None:
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path}: no such checkpoint directory")
+  if not os.path.exists(os.path.join(path, PARAMS_DIR, "_METADATA")):
+    raise CheckpointError(f"{path}: not a params checkpoint (no {PARAMS_DIR}/_METADATA)")
+
+
+def _broadcast_sharding(sharding, shapes):
+  if sharding is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if isinstance(sharding, jax.sharding.Sharding):
+    return jax.tree.map(lambda _: sharding, shapes, is_leaf=_is_shape)
+  return sharding
+
+
+def load_checkpoint(path: str, dtype=None, sharding=None, **numerics) -> tuple[ModelConfig, Any]:
+  """Restores a params checkpoint -> (config, params).
+
+  ``dtype``: cast on restore (None keeps the stored dtype). ``sharding``: a
+  ``jax.sharding.Sharding`` for every leaf or a pytree of them matching the
+  params; each device reads its own shard from disk (no full host copy).
+  ``numerics`` are ``ModelConfig`` run options (compute_dtype, moe_backend, ...).
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  _check_dir(path)
+  cfg = _load_config(os.path.join(path, CONFIG_FILE), **numerics)
+  params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
+  ckptr = ocp.PyTreeCheckpointer()
+  stored, _ = jax.tree.flatten_with_path(ckptr.metadata(params_dir).item_metadata.tree)
+  got = {tuple(k.key for k in p): tuple(m.shape) for p, m in stored}
+  want = _leaf_paths(cfg)
+  for leaf in sorted(set(want) | set(got)):
+    if want.get(leaf) != got.get(leaf):
+      raise CheckpointError(f"{params_dir}: leaf {'.'.join(leaf)} is stored with shape {got.get(leaf)}, "
+                            f"which does not match {CONFIG_FILE} ({want.get(leaf)})")
+  shapes = param_shapes(cfg)
+  shardings = _broadcast_sharding(sharding, shapes)
+  restore_args = jax.tree.map(
+      lambda shape, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=shape, dtype=dtype), shapes, shardings,
+      is_leaf=_is_shape,
+  )
+  params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  return cfg, params
+
+
+class _LazyLeaf:
+  """A stored leaf that reads only the slice it is indexed with (and ticks a progress bar)."""
+
+  def __init__(self, store, bar):
+    self._store, self._bar = store, bar
+    self.shape = tuple(store.shape)
+    self.dtype = np.dtype(store.dtype.numpy_dtype)
+
+  def __getitem__(self, index):
+    value = self._store[index].read().result()
+    self._bar.update(1)
+    return value
+
+
+def export_hf(checkpoint: str, out_dir: str, shard_bytes: int = 5 * 10**9, dtype=None, progress: bool = True) -> None:
+  """Params checkpoint -> Hugging Face safetensors (separate experts), one tensor at a time."""
+  import tensorstore as ts  # pylint: disable=import-outside-toplevel
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+  _check_dir(checkpoint)
+  cfg = _load_config(os.path.join(checkpoint, CONFIG_FILE))
+  if os.path.exists(out_dir):
+    raise CheckpointError(f"{out_dir}: already exists; choose a new output directory")
+  params_dir = os.path.join(os.path.abspath(checkpoint), PARAMS_DIR)
+  bar = tqdm(total=len(weight_table(cfg)), desc="export", unit="tensor", disable=not progress)
+  leaves = {}
+  for leaf, shape in _leaf_paths(cfg).items():
+    try:
+      store = ts.open(_leaf_spec(params_dir, leaf), open=True).result()
+    except ValueError as e:
+      raise CheckpointError(f"{params_dir}: cannot open leaf {'.'.join(leaf)} ({str(e).splitlines()[0]})") from None
+    if tuple(store.shape) != shape:
+      raise CheckpointError(f"{params_dir}: leaf {'.'.join(leaf)} has shape {tuple(store.shape)}, expected {shape}")
+    node = leaves
+    for k in leaf[:-1]:
+      node = node.setdefault(k, {})
+    node[leaf[-1]] = _LazyLeaf(store, bar)
+  extra = {n: os.path.join(checkpoint, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(checkpoint, n))}
+  with bar:
+    save_hf_checkpoint(leaves, cfg, out_dir, shard_bytes=shard_bytes, dtype=dtype, extra_files=extra)
+
+
+def run_cli(action: Callable[[], Any], out: str) -> int:
+  """Runs a CLI's ``action``: a ``CheckpointError`` becomes ``error: ...`` on stderr and exit status 2."""
+  try:
+    action()
+  except CheckpointError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {out}")
+  return 0

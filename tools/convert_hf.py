@@ -1,0 +1,25 @@
+"""Hugging Face LLaDA2-MoE checkpoint -> dmax_jax params checkpoint (Orbax), streaming.
+
+  python tools/convert_hf.py --hf HF_DIR --out CKPT_DIR [--dtype bfloat16|float32]
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from dmax_jax.checkpoint import convert_hf, run_cli
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--hf", required=True, help="Hugging Face checkpoint directory (config.json + safetensors)")
+  parser.add_argument("--out", required=True, help="new output directory (must not hold files)")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="stored parameter dtype")
+  args = parser.parse_args(argv)
+  return run_cli(lambda: convert_hf(args.hf, args.out, dtype=args.dtype), args.out)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
