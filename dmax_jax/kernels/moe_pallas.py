@@ -25,8 +25,10 @@ Layout (all static shapes, jit-able):
 4. Padded rows are dropped, rows un-sorted and combined with the routing
    weights in fp32 (``moe.combine_sorted``).
 
-The expert of a row block is read inside the kernel from a small int32
-array: the Triton backend has no scalar prefetch, so the weight refs are
+Weights are cast to x's dtype tile by tile inside the kernels, so fp32
+parameters cost a read of the touched experts only (the other backends cast
+every expert first). The expert of a row block is read inside the kernel
+from a small int32 array: the Triton backend has no scalar prefetch, so the weight refs are
 whole arrays and the kernel slices ``w[e, d0:d0+bk, f0:f0+tF]`` itself.
 Tiles are powers of two (Triton's constraint on loaded blocks); Triton's dot
 needs ``block_rows >= 16``. Forward only (no VJP): this is the decoding path.
@@ -111,8 +113,10 @@ def _gate_up_kernel(expert_ref, used_ref, x_ref, wg_ref, wu_ref, h_ref, *, bk):
       g, u = acc
       d0 = pl.multiple_of(k * bk, bk)
       x = x_ref[:, pl.ds(d0, bk)]
-      g += jnp.dot(x, wg_ref[e, pl.ds(d0, bk), pl.ds(f0, tf)], preferred_element_type=jnp.float32)
-      u += jnp.dot(x, wu_ref[e, pl.ds(d0, bk), pl.ds(f0, tf)], preferred_element_type=jnp.float32)
+      wg = wg_ref[e, pl.ds(d0, bk), pl.ds(f0, tf)].astype(x.dtype)
+      wu = wu_ref[e, pl.ds(d0, bk), pl.ds(f0, tf)].astype(x.dtype)
+      g += jnp.dot(x, wg, preferred_element_type=jnp.float32)
+      u += jnp.dot(x, wu, preferred_element_type=jnp.float32)
       return g, u
 
     zeros = jnp.zeros((bm, tf), jnp.float32)
@@ -136,7 +140,8 @@ def _down_kernel(expert_ref, used_ref, h_ref, wd_ref, y_ref, *, bk):
     def body(k, acc):
       f0 = pl.multiple_of(k * bk, bk)
       h = h_ref[:, pl.ds(f0, bk)]
-      return acc + jnp.dot(h, wd_ref[e, pl.ds(f0, bk), pl.ds(d0, td)], preferred_element_type=jnp.float32)
+      wd = wd_ref[e, pl.ds(f0, bk), pl.ds(d0, td)].astype(h.dtype)
+      return acc + jnp.dot(h, wd, preferred_element_type=jnp.float32)
 
     y = jax.lax.fori_loop(0, F // bk, body, jnp.zeros((bm, td), jnp.float32))
     y_ref[...] = y.astype(y_ref.dtype)
@@ -152,7 +157,7 @@ def _compiler_params(interpret, num_warps, num_stages):
 
 def grouped_swiglu(xs_PD, expert_B, used, w_gate_EDF, w_up_EDF, *, block_rows, tile_f, tile_k, interpret,
                    num_warps=4, num_stages=3):
-  """Kernel A over padded rows: ``h [P, F] = silu(xs @ Wg[e]) * (xs @ Wu[e])`` per row block."""
+  """Kernel A over padded rows: ``h [P, F] = silu(xs @ Wg[e]) * (xs @ Wu[e])`` per row block, in xs's dtype."""
   P, D = xs_PD.shape
   F = w_gate_EDF.shape[2]
   B = P // block_rows
@@ -200,14 +205,15 @@ def grouped_down(h_PF, expert_B, used, w_down_EFD, *, block_rows, tile_d, tile_k
 
 
 def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, block_rows=16, interpret=None,
-                   tile_f=64, tile_d=128, tile_k=128):
+                   tile_f=64, tile_d=128, tile_k=128, num_warps=4, num_stages=3):
   """Routed-expert output [T, D], same contract as ``moe.experts_dense``.
 
   Expert weights are cast to x's dtype, matmuls accumulate in fp32, SwiGLU
   runs in fp32, combine weights are applied in fp32 and the result is
   returned in x's dtype. ``interpret`` defaults to True on the CPU backend.
   ``tile_f`` / ``tile_d`` / ``tile_k`` are upper bounds on the F tile of
-  kernel A, the D tile of kernel B and the contraction chunk of both.
+  kernel A, the D tile of kernel B and the contraction chunk of both;
+  ``num_warps`` / ``num_stages`` are Triton's launch settings.
   """
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
@@ -219,10 +225,11 @@ def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, bloc
   layout = block_layout(idx_TX, E, block_rows)
   xs_PD = jnp.take(x_TD, layout["src"], axis=0, mode="fill", fill_value=0)
   h_PF = grouped_swiglu(
-      xs_PD, layout["expert"], layout["used"], w_gate_EDF.astype(dtype), w_up_EDF.astype(dtype),
-      block_rows=block_rows, tile_f=_tile(F, tile_f), tile_k=_tile(D, tile_k), interpret=interpret)
+      xs_PD, layout["expert"], layout["used"], w_gate_EDF, w_up_EDF, block_rows=block_rows,
+      tile_f=_tile(F, tile_f), tile_k=_tile(D, tile_k), interpret=interpret, num_warps=num_warps,
+      num_stages=num_stages)
   y_PD = grouped_down(
-      h_PF, layout["expert"], layout["used"], w_down_EFD.astype(dtype),
-      block_rows=block_rows, tile_d=_tile(D, tile_d), tile_k=_tile(F, tile_k), interpret=interpret)
+      h_PF, layout["expert"], layout["used"], w_down_EFD, block_rows=block_rows, tile_d=_tile(D, tile_d),
+      tile_k=_tile(F, tile_k), interpret=interpret, num_warps=num_warps, num_stages=num_stages)
   ys_RD = y_PD[layout["pos"]]
   return moe.combine_sorted(ys_RD, layout["order"], w_TX, T).astype(dtype)
