@@ -1,0 +1,125 @@
+"""The Pallas MoE backend against the dense reference, the grouped backend and the golden logits."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dmax_jax
+from dmax_jax import moe
+from dmax_jax.kernels import moe_pallas
+from conftest import with_numerics
+
+
+def _weights(key, E, D, F, dtype=jnp.float32):
+  kg, ku, kd = jax.random.split(key, 3)
+  wg = jax.random.normal(kg, (E, D, F)) / np.sqrt(D)
+  wu = jax.random.normal(ku, (E, D, F)) / np.sqrt(D)
+  wd = jax.random.normal(kd, (E, F, D)) / np.sqrt(F)
+  return wg.astype(dtype), wu.astype(dtype), wd.astype(dtype)
+
+
+def _random_ids(key, T, X, E):
+  keys = jax.random.split(key, T)
+  return jnp.stack([jax.random.permutation(k, E)[:X] for k in keys]).astype(jnp.int32)
+
+
+def _case(name, T, X, E, seed=0):
+  kx, ki, kw = jax.random.split(jax.random.key(seed), 3)
+  if name == "one_expert_all_rows":  # every token on expert 2 alone: 3 blocks of one expert
+    idx = jnp.full((T, X), 2, jnp.int32)
+  elif name == "few_experts":  # experts {1, 5} only: most experts get zero rows
+    idx = jnp.stack([jnp.where(jnp.arange(T) % 2 == 0, 1, 5), jnp.where(jnp.arange(T) % 2 == 0, 5, 1)], 1)
+  else:
+    idx = _random_ids(ki, T, X, E)
+  x = jax.random.normal(kx, (T, 64))
+  w = jax.random.uniform(kw, (T, X), minval=0.1, maxval=1.0)
+  return x, idx.astype(jnp.int32), w
+
+
+CASES = [  # (name, T, X, E, block_rows)
+    ("random", 5, 3, 8, 16),  # T*X = 15: a partial block, several empty experts
+    ("random", 9, 4, 16, 8),  # T*X = 36, smaller blocks
+    ("random", 24, 4, 16, 16),  # the tiny fixture's routing shape
+    ("one_expert_all_rows", 37, 1, 8, 16),  # 37 rows of one expert: blocks 16 + 16 + 5
+    ("few_experts", 20, 2, 16, 16),  # two experts, 20 rows each, 14 experts empty
+]
+
+
+@pytest.mark.parametrize("name,T,X,E,block_rows", CASES)
+def test_pallas_equals_dense_and_grouped(name, T, X, E, block_rows):
+  x, idx, w = _case(name, T, X, E)
+  wg, wu, wd = _weights(jax.random.key(1), E, 64, 32)
+  got = moe_pallas.experts_pallas(x, idx, w, wg, wu, wd, block_rows=block_rows, interpret=True)
+  assert got.shape == x.shape and got.dtype == x.dtype
+  np.testing.assert_allclose(got, moe.experts_dense(x, idx, w, wg, wu, wd), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got, moe.experts_grouped(x, idx, w, wg, wu, wd), rtol=1e-5, atol=1e-5)
+
+
+def test_pallas_small_tiles_under_jit():
+  """Tiles smaller than the dimensions: the in-kernel contraction loop and the F/D tile grid axes."""
+  x, idx, w = _case("random", 11, 3, 8, seed=3)
+  wg, wu, wd = _weights(jax.random.key(4), 8, 64, 32)
+  f = jax.jit(lambda *a: moe_pallas.experts_pallas(*a, interpret=True, tile_f=16, tile_d=32, tile_k=16))
+  np.testing.assert_allclose(f(x, idx, w, wg, wu, wd), moe.experts_dense(x, idx, w, wg, wu, wd), rtol=1e-5, atol=1e-5)
+
+
+def test_pallas_bf16_returns_bf16_close_to_dense():
+  x, idx, w = _case("random", 6, 2, 8, seed=5)
+  wg, wu, wd = _weights(jax.random.key(6), 8, 64, 32)  # fp32 params, bf16 compute: cast inside
+  x = x.astype(jnp.bfloat16)
+  got = moe_pallas.experts_pallas(x, idx, w, wg, wu, wd, interpret=True)
+  want = moe.experts_dense(x, idx, w, wg, wu, wd)
+  assert got.dtype == jnp.bfloat16
+  err = np.linalg.norm(np.float32(got) - np.float32(want)) / np.linalg.norm(np.float32(want))
+  assert err < 1e-2
+
+
+def test_block_layout_by_hand():
+  """T=3 tokens, X=2, E=4, blocks of 2 rows: expert sizes [3, 0, 1, 2]."""
+  idx = jnp.array([[0, 3], [2, 0], [0, 3]], jnp.int32)  # pairs 0..5 -> experts 0,3,2,0,0,3
+  lay = moe_pallas.block_layout(idx, 4, 2)
+  # sorted pairs: expert 0 <- pairs 0, 3, 4; expert 2 <- pair 2; expert 3 <- pairs 1, 5
+  np.testing.assert_array_equal(lay["order"], [0, 3, 4, 2, 1, 5])
+  np.testing.assert_array_equal(lay["token"], [0, 1, 2, 1, 0, 2])
+  # expert 0 takes blocks 0-1 (rows 0-3), expert 2 block 2 (rows 4-5), expert 3 block 3 (rows 6-7)
+  np.testing.assert_array_equal(lay["pos"], [0, 1, 2, 4, 6, 7])
+  assert moe_pallas.num_row_blocks(6, 4, 2) == 5  # (6 + 4 * 1) // 2
+  np.testing.assert_array_equal(lay["src"], [0, 1, 2, 3, 1, 3, 0, 2, 3, 3])  # 3 = T: padding
+  np.testing.assert_array_equal(lay["expert"], [0, 0, 2, 3, 3])  # unused block 4: clipped
+  np.testing.assert_array_equal(lay["used"], [4])
+
+
+@pytest.mark.parametrize("R,E,bm", [(1, 4, 2), (6, 4, 2), (7, 3, 3), (8, 5, 4), (5, 6, 2)])
+def test_row_block_bound_is_tight(R, E, bm):
+  """The static block count equals the most blocks any split of R rows over E experts needs."""
+  worst = max(sum(-(-g // bm) for g in sizes)
+              for sizes in itertools.product(range(R + 1), repeat=E) if sum(sizes) == R)
+  assert moe_pallas.num_row_blocks(R, E, bm) == worst
+
+
+def test_golden_logits_pallas(tiny, golden):
+  cfg, params = tiny
+  cfg = with_numerics(cfg, moe_backend="pallas")
+  got = dmax_jax.forward(params, cfg, tokens=golden["input_ids"], positions=golden["position_ids"])
+  np.testing.assert_allclose(got, golden["logits_full"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [32, 256])
+def test_pallas_bf16_mini_shapes_gpu(T):
+  """LLaDA-2.0-mini expert shapes, bf16, compiled with the Triton backend."""
+  E, X, D, F = 256, 8, 2048, 512
+  kx, ki, kw = jax.random.split(jax.random.key(T), 3)
+  x = jax.random.normal(kx, (T, D), jnp.bfloat16)
+  idx = _random_ids(ki, T, X, E)
+  w = jax.random.uniform(kw, (T, X), minval=0.1, maxval=1.0)
+  wg, wu, wd = _weights(jax.random.key(7), E, D, F, jnp.bfloat16)
+  got = jax.jit(moe_pallas.experts_pallas)(x, idx, w, wg, wu, wd)
+  want = jax.jit(moe.experts_dense)(x, idx, w, wg, wu, wd)
+  assert got.dtype == jnp.bfloat16
+  got, want = np.float32(got), np.float32(want)
+  assert np.isfinite(got).all()
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2

@@ -1,0 +1,190 @@
+"""Times one MoE layer per backend (dense / grouped ragged_dot / pallas) at decoding token counts.
+
+  python tools/bench_moe.py                 # LLaDA-2.0-mini shapes, T in {32, 256}, on the GPU
+  python tools/bench_moe.py --tiny          # tiny shapes, runs anywhere (smoke test; pallas interprets on CPU)
+  python tools/bench_moe.py --sweep         # also time a few Pallas tile settings (routed experts only)
+
+Two scopes per token count:
+  routed   the routed experts alone (``experts_*``) on uniform-random top-X ids;
+  moe_mlp  the whole layer (router, routed experts, shared expert) through ``moe.moe_mlp``.
+
+Each time is the median over ``--rounds`` rounds of ``--iters`` back-to-back calls, blocked once at
+the end of a round (no host sync inside a round), after ``--warmup`` untimed calls. The "ideal" column
+is the weight bytes the layer must read (touched experts only, plus router and shared expert for
+moe_mlp) over a copy bandwidth measured in the same run (an elementwise negate of a large array,
+counting read + write bytes). "err" is the relative L2 distance to the dense backend's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from dmax_jax import config as config_lib  # pylint: disable=wrong-import-position
+from dmax_jax import moe  # pylint: disable=wrong-import-position
+from dmax_jax.kernels import moe_pallas  # pylint: disable=wrong-import-position
+
+BACKENDS = ("dense", "grouped", "pallas")
+SWEEP = (  # Pallas settings tried with --sweep: block_rows, tile_f, tile_d, tile_k, num_warps, num_stages
+    dict(block_rows=16, tile_f=64, tile_d=128, tile_k=128, num_warps=4, num_stages=3),
+    dict(block_rows=16, tile_f=128, tile_d=128, tile_k=128, num_warps=4, num_stages=3),
+    dict(block_rows=16, tile_f=64, tile_d=256, tile_k=64, num_warps=4, num_stages=4),
+    dict(block_rows=16, tile_f=32, tile_d=64, tile_k=256, num_warps=4, num_stages=3),
+    dict(block_rows=16, tile_f=128, tile_d=256, tile_k=64, num_warps=8, num_stages=4),
+    dict(block_rows=32, tile_f=64, tile_d=128, tile_k=128, num_warps=4, num_stages=3),
+)
+
+
+def tiny_config(**numerics):
+  """The golden fixture's shapes: D=64, E=16, F=32, top-4 (CPU smoke test)."""
+  return dataclasses.replace(
+      config_lib.llada2_mini(**numerics), hidden_size=64, moe_intermediate_size=32, num_experts=16,
+      num_experts_per_tok=4, n_group=4, topk_group=2)
+
+
+def time_fn(fn, args, *, warmup, iters, rounds):
+  """Median seconds per call: ``rounds`` rounds of ``iters`` asynchronous calls, one sync per round."""
+  out = None
+  for _ in range(warmup):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  per_call = []
+  for _ in range(rounds):
+    start = time.perf_counter()
+    for _ in range(iters):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    per_call.append((time.perf_counter() - start) / iters)
+  return statistics.median(per_call)
+
+
+def copy_bandwidth(nbytes, **timing):
+  """Bytes/s of an elementwise negate of a ``nbytes`` bf16 array (read + write counted)."""
+  a = jnp.ones((nbytes // 2,), jnp.bfloat16)
+  seconds = time_fn(jax.jit(jnp.negative), (a,), **timing)
+  return 2 * a.nbytes / seconds
+
+
+def layer_params(key, cfg, dtype):
+  """One MoE layer's weights (the ``params.py`` layout), experts in ``dtype``, router fp32."""
+  D, E, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+  Fs = cfg.shared_intermediate_size
+  k = jax.random.split(key, 7)
+
+  def normal(kk, shape, fan_in, dt=dtype):
+    return (jax.random.normal(kk, shape, jnp.float32) / np.sqrt(fan_in)).astype(dt)
+
+  return dict(
+      router=normal(k[0], (D, E), D, jnp.float32), expert_bias=jnp.zeros((E,), jnp.float32),
+      w_gate=normal(k[1], (E, D, F), D), w_up=normal(k[2], (E, D, F), D), w_down=normal(k[3], (E, F, D), F),
+      shared_gate=normal(k[4], (D, Fs), D), shared_up=normal(k[5], (D, Fs), D),
+      shared_down=normal(k[6], (Fs, D), Fs))
+
+
+def uniform_routing(key, T, E, X):
+  """Top-X distinct experts per token, uniformly at random; combine weights normalised to 1."""
+  ki, kw = jax.random.split(key)
+  idx = jnp.argsort(jax.random.uniform(ki, (T, E)), axis=1)[:, :X].astype(jnp.int32)
+  w = jax.random.uniform(kw, (T, X), minval=0.1, maxval=1.0)
+  return idx, w / w.sum(axis=1, keepdims=True)
+
+
+def expert_fn(backend, **pallas_kw):
+  if backend == "dense":
+    return moe.experts_dense
+  if backend == "grouped":
+    return moe.experts_grouped
+  return lambda *a: moe_pallas.experts_pallas(*a, **pallas_kw)
+
+
+def rel_err(got, want):
+  got, want = np.float32(got), np.float32(want)
+  return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
+  ap.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts T (default 32 256; tiny: 8 32)")
+  ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+  ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute and expert dtype")
+  ap.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5; tiny: 1)")
+  ap.add_argument("--iters", type=int, default=None, help="calls per timed round (default 20; tiny: 2)")
+  ap.add_argument("--rounds", type=int, default=None, help="timed rounds; the median is reported (default 15; tiny: 3)")
+  ap.add_argument("--copy-mib", type=int, default=None, help="size of the bandwidth probe (default 2048; tiny: 16)")
+  ap.add_argument("--sweep", action="store_true", help="also time the Pallas settings in SWEEP (routed only)")
+  args = ap.parse_args(argv)
+  tiny = args.tiny
+  tokens = args.tokens or ([8, 32] if tiny else [32, 256])
+  timing = dict(warmup=args.warmup if args.warmup is not None else (1 if tiny else 5),
+                iters=args.iters or (2 if tiny else 20), rounds=args.rounds or (3 if tiny else 15))
+  dtype = jnp.dtype(args.dtype)
+  cfg = tiny_config(compute_dtype=args.dtype) if tiny else config_lib.llada2_mini(compute_dtype=args.dtype)
+  E, X, D = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size
+
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, {args.dtype}")
+  print(f"shapes: D={D} E={E} F={cfg.moe_intermediate_size} X={X} shared F={cfg.shared_intermediate_size}")
+  bw = copy_bandwidth((args.copy_mib or (16 if tiny else 2048)) << 20, **timing)
+  print(f"copy bandwidth (negate, read+write): {bw / 1e9:.0f} GB/s")
+  print(f"timing: median of {timing['rounds']} rounds x {timing['iters']} calls, {timing['warmup']} warmup calls")
+
+  p = layer_params(jax.random.key(0), cfg, dtype)
+  per_expert = sum(p[n][0].size * p[n].dtype.itemsize for n in ("w_gate", "w_up", "w_down"))
+  dense_bytes = sum(p[n].size * p[n].dtype.itemsize for n in ("router", "shared_gate", "shared_up", "shared_down"))
+
+  header = f"{'T':>5} {'scope':<8} {'backend':<28} {'touched':>7} {'ms':>9} {'ideal ms':>9} {'x ideal':>8} {'err':>9}"
+  if args.sweep:
+    print("sweep rows: pallas block_rows/tile_f/tile_d/tile_k/num_warps/num_stages")
+  print(header)
+  print("-" * len(header))
+  for T in tokens:
+    kx, kr = jax.random.split(jax.random.key(T))
+    x = jax.random.normal(kx, (T, D), jnp.float32).astype(dtype)
+    idx, w = uniform_routing(kr, T, E, X)
+    touched = len(np.unique(np.asarray(idx)))
+    ideal = touched * per_expert / bw
+    weights = (p["w_gate"], p["w_up"], p["w_down"])
+    want = jax.jit(moe.experts_dense)(x, idx, w, *weights)
+
+    runs = [(b, expert_fn(b)) for b in args.backends]
+    if args.sweep:
+      runs += [("pallas " + "/".join(str(v) for v in kw.values()), expert_fn("pallas", **kw)) for kw in SWEEP]
+    for name, fn in runs:
+      f = jax.jit(fn)
+      try:
+        err = rel_err(f(x, idx, w, *weights), want)
+        sec = time_fn(f, (x, idx, w, *weights), **timing)
+      except Exception as e:  # pylint: disable=broad-except  # one failing setting must not end the run
+        print(f"{T:>5} {'routed':<8} {name:<28} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        continue
+      print(f"{T:>5} {'routed':<8} {name:<28} {touched:>7} {sec * 1e3:>9.3f} {ideal * 1e3:>9.3f} "
+            f"{sec / ideal:>8.2f} {err:>9.2e}")
+
+    route_idx, _ = jax.jit(lambda x: moe.route(p["router"], p["expert_bias"], x, cfg))(x)
+    touched_mlp = len(np.unique(np.asarray(route_idx)))
+    ideal_mlp = (touched_mlp * per_expert + dense_bytes) / bw
+    want_mlp = None
+    for backend in args.backends:
+      c = dataclasses.replace(cfg, moe_backend=backend)
+      f = jax.jit(lambda p, x, c=c: moe.moe_mlp(p, x, c)[0])
+      y = f(p, x)
+      if want_mlp is None:
+        want_mlp = jax.jit(lambda p, x: moe.moe_mlp(p, x, dataclasses.replace(cfg, moe_backend="dense"))[0])(p, x)
+      sec = time_fn(f, (p, x), **timing)
+      print(f"{T:>5} {'moe_mlp':<8} {backend:<28} {touched_mlp:>7} {sec * 1e3:>9.3f} {ideal_mlp * 1e3:>9.3f} "
+            f"{sec / ideal_mlp:>8.2f} {rel_err(y, want_mlp):>9.2e}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
