@@ -78,7 +78,7 @@ def _logits(params, config, embeds_1LD, block_length):
 
 def _bucket(length, block_length):
   n = block_length
-  while n < length:
+  while n < max(length, 64):
     n *= 2
   return n
 
@@ -123,7 +123,7 @@ def _generate_one(params, config, E, prompt, strategy, gen_length, K, rng, trace
       # Padded to a power-of-two length (one compile per bucket); under the
       # block-causal mask the padding never reaches the current block.
       canvas = np.concatenate([E[x[:s]], emb])
-      canvas = np.pad(canvas, ((0, _bucket(e, K) - e), (0, 0)))[None]
+      canvas = np.pad(canvas, ((0, _bucket(T, K) - e), (0, 0)))[None]
       logits = _logits(params, config, jnp.asarray(canvas, params["embed"].dtype), K)[s:e]
       nfe += 1
       x0, p, probs = _choose(logits, mask_id, strategy.temperature, rng)
