@@ -30,7 +30,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -256,10 +256,11 @@ def _generate_batch(model, batch, settings, errors):
 
 def run(requests: Sequence[Request], *, params, config, tokenizer, strategy, gen_length: int, block_length: int,
         batch_size: int, writer: RecordWriter, trace: bool = False, seed: int = 0, desc: str = "prompts",
-        progress: bool = True) -> RunResult:
+        progress: bool = True, annotate: Optional[Callable[[dict], dict]] = None) -> RunResult:
   """Decodes every request not yet in ``writer``, shortest prompts first, ``batch_size`` at a time.
 
-  Each batch's records are written (and fsynced) as soon as it finishes.
+  Each batch's records are written (and fsynced) as soon as it finishes;
+  ``annotate`` may add fields to a record before it is written.
   """
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
@@ -280,6 +281,8 @@ def run(requests: Sequence[Request], *, params, config, tokenizer, strategy, gen
     result.seconds += seconds
     records = [_record(r, g, tokenizer, fields, seconds, len(batch), gen_length, block_length)
                for r, g in zip(batch, gens)]
+    if annotate is not None:
+      records = [annotate(rec) for rec in records]
     writer.write(records)
     result.records += records
     if trace:
