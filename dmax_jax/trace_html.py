@@ -38,12 +38,21 @@ function toggleLast(cb){document.body.classList.toggle('last',cb.checked);}
 """
 
 
+def _visible(ch: str) -> str:
+  """Newline and tab as arrows, other control characters as ``\\xNN`` escapes."""
+  if ch == "\n":
+    return "\u21b5"
+  if ch == "\t":
+    return "\u2192"
+  return ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1]
+
+
 def _piece(tokenizer, token_id: int, mask_id: int, cache: dict) -> str:
   if token_id == mask_id:
     return "\u2591"
   if token_id not in cache:
     text = tokenizer.decode([token_id], skip_special_tokens=False)
-    cache[token_id] = text.replace("\n", "\u21b5") or "\u2205"
+    cache[token_id] = "".join(_visible(ch) for ch in text) or "\u2205"
   return cache[token_id]
 
 
@@ -80,7 +89,7 @@ def _prompt_section(item: dict, tokenizer, mask_id: int, cache: dict) -> str:
       f'<div>output:</div><pre>{html.escape(rec["output"])}</pre>',
   ]
   for b, bsteps in blocks.items():
-    parts.append(f'<div class="blk"><h3>block {b} ({len(bsteps)} steps)</h3><table>'
+    parts.append(f'<div class="blk"><h3>block {b} ({len(bsteps)} step{"s" if len(bsteps) != 1 else ""})</h3><table>'
                  f"{_block_rows(bsteps, tokenizer, mask_id, cache)}</table></div>")
   parts.append("</section>")
   return "".join(parts)
