@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -10,27 +9,20 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY
+from conftest import REPO
 from dmax_jax import decoding
 from dmax_jax.cli import decode_main
 from dmax_jax.hf import load_hf_checkpoint
 from dmax_jax.records import RecordWriter, read_records
-from dmax_jax.tokenizer import MATH_SUFFIX, load_tokenizer, train_tokenizer
+from dmax_jax.tokenizer import MATH_SUFFIX, load_tokenizer
+from tiny_ckpt import make_checkpoint
 
-TEXTS = ["What is 2 + 3? Let us think step by step.", "The quick brown fox jumps over the lazy dog.",
-         "Tom has 1,000 apples and sells them for $5 each.", "hello there, how are you today?"] * 20
 GEN = ["--gen-length", "16", "--block-length", "8", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-  """A checkpoint dir: the tiny fixture's config + weights beside a trained 512-token tokenizer."""
-  path = tmp_path_factory.mktemp("ckpt")
-  info = train_tokenizer(TEXTS, vocab_size=512, out_dir=str(path))
-  assert (info["eos_token_id"], info["mask_token_id"]) == (510, 511)  # the fixture's ids
-  for name in ("config.json", "model.safetensors"):
-    shutil.copy(TINY / name, path / name)
-  return str(path)
+  return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")
