@@ -49,6 +49,9 @@ def run_cli(body: Callable[[argparse.Namespace], int], parser: argparse.Argument
   except (runner.UsageError, RecordsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print("interrupted: finished records are saved; rerun the same command to resume", file=sys.stderr)
+    return 130
 
 
 def report_errors(errors: Sequence[str]):

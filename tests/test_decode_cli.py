@@ -1,7 +1,6 @@
 """decode.py end to end on the tiny fixture model with a freshly trained 512-token tokenizer."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -155,6 +154,26 @@ def test_usage_errors_exit_2(ckpt, capsys, extra, message):
   assert decode_main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err == [f"error: {err[0][7:]}"] and message in err[0]
+
+
+def test_prompt_the_engine_rejects_fails_alone(tmp_path, ckpt, monkeypatch, capsys):
+  """A batch the engine rejects is retried prompt by prompt; only the bad one fails."""
+  texts = ["hello there, how are you today? hello", "The quick brown fox", "Tom has 1,000 apples and sells them"]
+  lengths = [len(load_tokenizer(ckpt).encode(t)) for t in texts]
+  assert len(set(lengths)) == 3
+  real = decoding.generate
+
+  def picky(params, config, prompts, **kw):
+    if any(len(p) == lengths[1] for p in prompts):
+      raise ValueError("prompts of this length are not allowed")
+    return real(params, config, prompts, **kw)
+
+  monkeypatch.setattr(decoding, "generate", picky)
+  inp = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": t} for i, t in enumerate(texts)])
+  out = tmp_path / "out.jsonl"
+  assert decode_main(["--checkpoint", ckpt, "--input", inp, "--output", str(out), "--batch-size", "3", *GEN]) == 1
+  assert f"error: {inp}:2: prompts of this length are not allowed" in capsys.readouterr().err
+  assert sorted(r["id"] for r in read_records(str(out))) == [0, 2]
 
 
 def test_missing_checkpoint_exit_2(tmp_path, capsys):
