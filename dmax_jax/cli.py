@@ -1,0 +1,112 @@
+"""Command lines: ``decode.py`` (batch generation) and the flags it shares with ``tools/evaluate.py``.
+
+Exit codes: 0 all prompts done, 1 some input lines failed (each reported as
+``error: FILE:LINE: problem`` on stderr; the other lines still ran), 2 usage
+errors (bad flags, missing files, unreadable checkpoint or output file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+from dmax_jax import runner, trace_html
+from dmax_jax.records import RecordsError, RecordWriter
+
+
+def add_decoding_args(p: argparse.ArgumentParser):
+  """Flags of every tool that decodes: checkpoint, lengths, batch, dtype, SPD's stop rule."""
+  p.add_argument("--checkpoint", required=True, help="converted checkpoint or Hugging Face directory (with tokenizer)")
+  p.add_argument("--gen-length", type=int, default=256, help="tokens to generate per prompt (default 256)")
+  p.add_argument("--block-length", type=int, default=32, help="block length K (default 32)")
+  p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
+  p.add_argument("--confidence-stop", type=float, default=0.9, help="SPD: stop a block when all tokens reach this")
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+  p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+  p.add_argument("--dtype", default="float32", choices=sorted(runner.DTYPES), help="params and compute dtype")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_decoding_args(args):
+  for flag in ("gen_length", "block_length", "batch_size"):
+    if getattr(args, flag) <= 0:
+      raise runner.UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+  if not 0.0 <= args.confidence_stop <= 1.0:
+    raise runner.UsageError(f"--confidence-stop must lie in [0, 1], got {args.confidence_stop}")
+  if args.temperature < 0:
+    raise runner.UsageError(f"--temperature must be >= 0, got {args.temperature}")
+
+
+def run_cli(body: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
+            argv: Optional[Sequence[str]]) -> int:
+  """Parses ``argv`` and runs ``body``; run-level errors become ``error: ...`` and exit code 2."""
+  args = parser.parse_args(argv)
+  try:
+    return body(args)
+  except (runner.UsageError, RecordsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("interrupted: finished records are saved; rerun the same command to resume", file=sys.stderr)
+    return 130
+
+
+def report_errors(errors: Sequence[str]):
+  for e in errors:
+    print(f"error: {e}", file=sys.stderr)
+
+
+def decode_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="decode.py", description="Batch generation with SPD or threshold decoding.",
+      epilog="Input JSONL lines hold one of: \"question\" (user turn, chat template, --math suffix), "
+             "\"messages\" (conversation, chat template), \"prompt\" (raw text, no template); \"id\" optional.")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--input", help="JSONL file of prompts")
+  src.add_argument("--prompt", help="a single question (chat template applied)")
+  p.add_argument("--output", help="JSONL of results (resumed if it exists); default: stdout")
+  p.add_argument("--strategy", default="spd", choices=("spd", "threshold"))
+  p.add_argument("--threshold", type=float, default=None, help="decoding threshold (default: 0.5 spd, 0.95 threshold)")
+  p.add_argument("--math", action="store_true", help="append the math suffix to questions")
+  p.add_argument("--trace", metavar="FILE.html", help="write a step-by-step HTML trace of the decoded prompts")
+  add_decoding_args(p)
+  return p
+
+
+def _decode(args) -> int:
+  t0 = time.perf_counter()
+  check_decoding_args(args)
+  strategy = runner.make_strategy(args.strategy, args.threshold, args.confidence_stop, args.temperature)
+  if args.input is not None and not os.path.isfile(args.input):
+    raise runner.UsageError(f"{args.input}: no such file")
+  config, params, tokenizer = runner.load_model(args.checkpoint, args.dtype)
+  if args.input is not None:
+    requests, errors = runner.read_prompts(args.input, tokenizer, args.math)
+  else:
+    requests, errors = [], []
+    try:
+      text, ids = runner.prompt_from_fields({"question": args.prompt}, tokenizer, args.math)
+      requests.append(runner.Request(1, "--prompt", text, ids))
+    except ValueError as e:
+      errors.append(f"--prompt: {e}")
+  requests, too_long = runner.check_lengths(requests, config.max_position_embeddings, args.gen_length)
+  errors += too_long
+  report_errors(errors)
+  with RecordWriter(args.output, ("id",), stream=sys.stdout) as writer:
+    result = runner.run(
+        requests, params=params, config=config, tokenizer=tokenizer, strategy=strategy, gen_length=args.gen_length,
+        block_length=args.block_length, batch_size=args.batch_size, writer=writer, trace=bool(args.trace),
+        seed=args.seed, progress=not args.no_progress)
+  report_errors(result.errors)
+  if args.trace:
+    trace_html.write(args.trace, result.traces, tokenizer, config.mask_token_id)
+  print(f"{runner.summary_line(result)}; total wall {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+  return 1 if errors or result.errors else 0
+
+
+def decode_main(argv: Optional[Sequence[str]] = None) -> int:
+  """``decode.py``'s entry point; returns the exit code."""
+  return run_cli(_decode, decode_parser(), argv)

@@ -1,0 +1,310 @@
+"""Batch generation: prompts in, one resumable JSONL record per prompt out.
+
+Input lines (JSONL, one object a line; ``id`` optional, else the line number):
+
+- ``{"question": TEXT}``: one user turn in the checkpoint's chat template,
+  followed by the assistant generation prompt; ``--math`` appends
+  ``MATH_SUFFIX`` (DMax's "Let's think step by step") to the question.
+- ``{"messages": [{"role", "content"}, ...]}``: a whole conversation, rendered
+  with the chat template and the generation prompt.
+- ``{"prompt": TEXT}``: raw text, tokenized as is (no template, no suffix):
+  for prompts that are already rendered, or for completion-style prompting.
+
+A line has exactly one of the three. The CLI's ``--prompt TEXT`` is a
+*question* (chat template), since that is what a person typing one means.
+
+Records (one per prompt, written as soon as its batch finishes): id, prompt
+(the input text; the rendered chat for ``messages``), output (decoded text up
+to the first eos), tokens (generated ids), num_tokens, nfe (decoding
+forwards), prefill_calls, tpf (num_tokens / nfe), seconds (this prompt's
+share of its batch's wall time, so they sum to the run's wall time),
+batch_seconds, batch_size, and the decoding settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import inspect
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dmax_jax import decoding
+from dmax_jax.config import ConfigError
+from dmax_jax.hf import CheckpointError, load_hf_checkpoint
+from dmax_jax.records import RecordWriter
+from dmax_jax.tokenizer import MATH_SUFFIX, TokenizerError, load_tokenizer
+
+PROMPT_FIELDS = ("question", "messages", "prompt")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class UsageError(ValueError):
+  """A problem with the whole run (flags, checkpoint, files): exit code 2."""
+
+
+@dataclasses.dataclass
+class Request:
+  """One prompt to decode: where it came from, its text and token ids, extra record fields."""
+
+  id: Any
+  where: str  # "FILE:LINE" (or "--prompt") for error messages
+  text: str
+  ids: list[int]
+  meta: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What one ``run`` did: its new records, their traces, the per-prompt errors, totals."""
+
+  records: list[dict]
+  traces: list[dict]
+  errors: list[str]
+  skipped: int
+  seconds: float
+
+  @property
+  def tokens(self) -> int:
+    return sum(r["num_tokens"] for r in self.records)
+
+  @property
+  def mean_tpf(self) -> float:
+    return float(np.mean([r["tpf"] for r in self.records])) if self.records else 0.0
+
+  @property
+  def tokens_per_second(self) -> float:
+    return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---------------------------------------------------------------- input
+
+def prompt_from_fields(obj: Any, tokenizer, math: bool) -> tuple[str, list[int]]:
+  """(display text, token ids) of one input object; ValueError names the problem."""
+  if not isinstance(obj, dict):
+    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+  present = [k for k in PROMPT_FIELDS if k in obj]
+  if not present:
+    raise ValueError(f"no prompt field (one of {', '.join(PROMPT_FIELDS)})")
+  if len(present) > 1:
+    raise ValueError(f"more than one prompt field ({', '.join(present)}); give exactly one")
+  field = present[0]
+  value = obj[field]
+  if field == "messages":
+    if not isinstance(value, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
+      raise ValueError("'messages' must be a list of {\"role\": str, \"content\": str}")
+    if not value or not any(m["content"].strip() for m in value):
+      raise ValueError("empty prompt ('messages' has no content)")
+    text = tokenizer.render_chat(value, add_generation_prompt=True)
+    return text, tokenizer.encode(text)
+  if not isinstance(value, str):
+    raise ValueError(f"'{field}' must be a string, got {type(value).__name__}")
+  if not value.strip():
+    raise ValueError(f"empty prompt ('{field}' is empty)")
+  if field == "question":
+    return value, tokenizer.prompt_ids(value, MATH_SUFFIX if math else "")
+  return value, tokenizer.encode(value)
+
+
+def _line_id(obj, number: int):
+  if isinstance(obj, dict) and "id" in obj:
+    value = obj["id"]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+      raise ValueError(f"'id' must be a string or an integer, got {json.dumps(value)[:40]}")
+    return value
+  return number
+
+
+def read_jsonl(path: str, parse) -> tuple[list, list[str]]:
+  """Applies ``parse(obj, line_number)`` to each non-blank line; returns (results, "FILE:LINE: problem" errors).
+
+  ``parse`` returns a Request (or raises ValueError); ids must be unique.
+  """
+  if not os.path.isfile(path):
+    raise UsageError(f"{path}: no such file")
+  results, errors, seen = [], [], {}
+  with open(path, encoding="utf-8", errors="replace") as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f"{path}:{number}"
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        errors.append(f"{where}: not valid JSON ({e.msg})")
+        continue
+      try:
+        request = parse(obj, number)
+      except ValueError as e:
+        errors.append(f"{where}: {e}")
+        continue
+      key = json.dumps(request.id)
+      if key in seen:
+        errors.append(f"{where}: duplicate id {key} (first on line {seen[key]})")
+        continue
+      seen[key] = number
+      request.where = where
+      results.append(request)
+  return results, errors
+
+
+def read_prompts(path: str, tokenizer, math: bool = False) -> tuple[list[Request], list[str]]:
+  """The requests of a prompts JSONL file (see the module docstring) and its line errors."""
+
+  def parse(obj, number):
+    rid = _line_id(obj, number)
+    text, ids = prompt_from_fields(obj, tokenizer, math)
+    return Request(rid, "", text, ids)
+
+  return read_jsonl(path, parse)
+
+
+def check_lengths(requests: Sequence[Request], max_positions: int, gen_length: int):
+  """Splits off requests whose prompt + gen_length do not fit the model: (kept, errors)."""
+  kept, errors = [], []
+  for r in requests:
+    if len(r.ids) + gen_length > max_positions:
+      errors.append(f"{r.where}: prompt of {len(r.ids)} tokens + gen length {gen_length} exceeds the model's "
+                    f"max_position_embeddings {max_positions}")
+    else:
+      kept.append(r)
+  return kept, errors
+
+
+# ---------------------------------------------------------------- model
+
+def load_model(path: str, dtype: str = "float32"):
+  """(config, params, tokenizer) of a checkpoint directory.
+
+  A Hugging Face directory (``config.json`` + ``*.safetensors``) is read with
+  ``dmax_jax.hf``; anything else as a converted (Orbax) checkpoint with
+  ``dmax_jax.checkpoint.load_checkpoint``. Params are cast to ``dtype``, which
+  is also the compute dtype.
+  """
+  if dtype not in DTYPES:
+    raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+  if not os.path.isdir(path):
+    raise UsageError(f"{path}: no such checkpoint directory")
+  try:
+    tokenizer = load_tokenizer(path)
+    if glob.glob(os.path.join(path, "*.safetensors")):
+      config, params = load_hf_checkpoint(path, dtype=DTYPES[dtype], compute_dtype=dtype)
+    else:
+      config, params = _load_converted(path, dtype)
+  except (CheckpointError, ConfigError, TokenizerError) as e:
+    raise UsageError(str(e)) from None
+  return config, params, tokenizer
+
+
+def _load_converted(path: str, dtype: str):
+  try:
+    from dmax_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise UsageError(f"{path}: no *.safetensors, and this build cannot read converted checkpoints "
+                     "(dmax_jax.checkpoint is missing)") from None
+  kwargs = {"dtype": DTYPES[dtype]} if "dtype" in inspect.signature(checkpoint.load_checkpoint).parameters else {}
+  config, params = checkpoint.load_checkpoint(path, **kwargs)
+  params = jax.tree.map(lambda a: a.astype(DTYPES[dtype]), params)
+  return dataclasses.replace(config, compute_dtype=dtype), params
+
+
+def make_strategy(name: str, threshold: Optional[float] = None, confidence_stop: float = 0.9,
+                  temperature: float = 0.0):
+  """The decoding strategy object for ``name`` ("spd" | "threshold"); None threshold = its default."""
+  if threshold is not None and not 0.0 <= threshold <= 1.0:
+    raise UsageError(f"threshold must lie in [0, 1], got {threshold}")
+  if name == "spd":
+    kw = {} if threshold is None else {"threshold": threshold}
+    return decoding.SPD(confidence_stop=confidence_stop, temperature=temperature, **kw)
+  if name == "threshold":
+    kw = {} if threshold is None else {"threshold": threshold}
+    return decoding.Threshold(temperature=temperature, **kw)
+  raise UsageError(f"unknown strategy {name!r} (spd or threshold)")
+
+
+def strategy_fields(strategy) -> dict:
+  """The record fields that name a strategy: {"strategy": "spd", "threshold": 0.5, ...}."""
+  return {"strategy": "spd" if isinstance(strategy, decoding.SPD) else "threshold", **dataclasses.asdict(strategy)}
+
+
+# ---------------------------------------------------------------- running
+
+def _generate_batch(model, batch, settings, errors):
+  """Generations of ``batch``; a batch the engine rejects is retried one by one to name the bad prompt."""
+  params, config = model
+  try:
+    return batch, decoding.generate(params, config, [r.ids for r in batch], **settings)
+  except ValueError as e:
+    if len(batch) == 1:
+      errors.append(f"{batch[0].where}: {e}")
+      return [], []
+  kept, gens = [], []
+  for r in batch:
+    ok, g = _generate_batch(model, [r], settings, errors)
+    kept += ok
+    gens += g
+  return kept, gens
+
+
+def run(requests: Sequence[Request], *, params, config, tokenizer, strategy, gen_length: int, block_length: int,
+        batch_size: int, writer: RecordWriter, trace: bool = False, seed: int = 0, desc: str = "prompts",
+        progress: bool = True, annotate: Optional[Callable[[dict], dict]] = None) -> RunResult:
+  """Decodes every request not yet in ``writer``, shortest prompts first, ``batch_size`` at a time.
+
+  Each batch's records are written (and fsynced) as soon as it finishes;
+  ``annotate`` may add fields to a record before it is written.
+  """
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+  fields = strategy_fields(strategy)
+  pending = [r for r in requests if not writer.has({"id": r.id, **fields, **r.meta})]
+  pending.sort(key=lambda r: len(r.ids))  # stable: equal lengths keep input order
+  result = RunResult([], [], [], len(requests) - len(pending), 0.0)
+  rng = jax.random.key(seed)
+  bar = tqdm(total=len(requests), initial=result.skipped, desc=desc, unit="prompt", file=sys.stderr,
+             disable=not progress, dynamic_ncols=True)
+  settings = dict(strategy=strategy, gen_length=gen_length, block_length=block_length, trace=trace)
+  for start in range(0, len(pending), batch_size):
+    rng, key = jax.random.split(rng)
+    t0 = time.perf_counter()
+    batch, gens = _generate_batch((params, config), pending[start:start + batch_size], dict(settings, rng=key),
+                                  result.errors)
+    seconds = time.perf_counter() - t0
+    result.seconds += seconds
+    records = [_record(r, g, tokenizer, fields, seconds, len(batch), gen_length, block_length)
+               for r, g in zip(batch, gens)]
+    if annotate is not None:
+      records = [annotate(rec) for rec in records]
+    writer.write(records)
+    result.records += records
+    if trace:
+      result.traces += [{"record": rec, "prompt_ids": r.ids, "steps": g.trace} for r, g, rec in zip(batch, gens, records)]
+    bar.update(len(pending[start:start + batch_size]))
+    bar.set_postfix(tok_s=f"{result.tokens_per_second:.1f}", tpf=f"{result.mean_tpf:.2f}", refresh=False)
+  bar.close()
+  return result
+
+
+def _record(request: Request, gen, tokenizer, fields, seconds, batch_size, gen_length, block_length) -> dict:
+  return {
+      "id": request.id, "prompt": request.text, "output": tokenizer.decode(gen.tokens),
+      "tokens": list(gen.tokens), "num_tokens": len(gen.tokens), "nfe": gen.nfe,
+      "prefill_calls": gen.prefill_calls, "tpf": len(gen.tokens) / max(gen.nfe, 1),
+      "seconds": seconds / max(batch_size, 1), "batch_seconds": seconds, "batch_size": batch_size,
+      **fields, "gen_length": gen_length, "block_length": block_length, **request.meta,
+  }
+
+
+def summary_line(result: RunResult) -> str:
+  """The closing line of a run."""
+  return (f"{len(result.records)} prompts decoded ({result.skipped} already done, {len(result.errors)} failed), "
+          f"{result.tokens} tokens, mean TPF {result.mean_tpf:.2f}, {result.tokens_per_second:.1f} tokens/s, "
+          f"wall {result.seconds:.1f} s")
