@@ -9,7 +9,7 @@ DIR/metrics.jsonl (loss, grad_norm, lr, tokens_per_s, step_time per step).
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
@@ -19,6 +19,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   from dmax_jax import trainer  # pylint: disable=import-outside-toplevel
   from dmax_jax.sharding import MeshError  # pylint: disable=import-outside-toplevel
 

@@ -80,7 +80,7 @@ def make_step_fn(cfg: ModelConfig, obj: losses.Objective, tx: optax.GradientTran
     new_state = dict(
         state, params=optax.apply_updates(params, updates), opt_state=opt_state, step=state["step"] + 1
     )
-    metrics = {"loss": total / denom, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+    metrics = {"loss": total / denom, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                "labelled": count}
     return new_state, metrics
 
