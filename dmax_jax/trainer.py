@@ -98,7 +98,10 @@ def _numerics(config) -> dict:
 def model_config(config) -> ModelConfig:
   """The model config: from ``config.model`` for scratch runs, else the checkpoint's config.json."""
   if config.init_from == "scratch":
-    return ModelConfig(**config.model.to_dict(), **_numerics(config))
+    try:
+      return ModelConfig(**config.model.to_dict(), **_numerics(config))
+    except (TypeError, ValueError) as e:
+      raise TrainError(f"config.model: {e}") from None
   path = config.init_from
   if not os.path.isdir(path):
     raise TrainError(f"{path}: initial checkpoint not found (config.init_from)")
@@ -184,7 +187,7 @@ def state_shardings(mesh, state):
 
 
 def build(config, mesh):
-  """Everything a run needs: (cfg, dataset, plan, tx, schedule, jitted step, state or abstract state)."""
+  """The model config, tokenized data, batch plan, optimizer and schedule of a run."""
   cfg = model_config(config)
   ds = load_data(config, cfg)
   p = plan(config, mesh, len(ds))
