@@ -1,0 +1,34 @@
+"""Block-diffusion SFT / OPUT training.
+
+  python train.py --config=configs/oput_mini.py --workdir=DIR \
+      --config.init_from=CKPT --config.data.path=DATA.jsonl [--config.train.max_steps=100 ...]
+
+Resumes automatically from the latest checkpoint in DIR/checkpoints; writes
+DIR/metrics.jsonl (loss, grad_norm, lr, tokens_per_s, step_time per step).
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
+flags.DEFINE_string("workdir", None, "directory for checkpoints and metrics")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  from dmax_jax import trainer  # pylint: disable=import-outside-toplevel
+  from dmax_jax.sharding import MeshError  # pylint: disable=import-outside-toplevel
+
+  try:
+    trainer.train(flags.FLAGS.config, flags.FLAGS.workdir)
+  except (trainer.TrainError, MeshError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
