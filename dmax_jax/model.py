@@ -237,20 +237,20 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> KVCa
 
 def forward_cached(
     params, config: ModelConfig, cache: KVCache, *, start, kv_mask, tokens=None, embeds=None, positions=None,
-    return_hidden: bool = False,
+    return_hidden: bool = False, return_router: bool = False,
 ):
   """A forward of L queries that writes their keys/values into ``cache`` at ``start``.
 
   The queries attend over the whole cache (length S) under ``kv_mask`` [B, L, S]
   (True = may attend); their own keys are in it, at ``start .. start + L - 1``.
   Returns (logits [B, L, V] float32, updated cache), or (hidden, cache) with
-  ``return_hidden``.
+  ``return_hidden``; ``return_router`` appends the MoE routing (ids, weights),
+  each ``[moe_layers, B, L, top_k]``.
   """
   x, positions = _inputs(params, config, tokens, embeds, positions)
-  hidden, cache, _ = _body(params, config, x, positions, kv_mask, cache, start)
-  if return_hidden:
-    return hidden, cache
-  return logits_from_hidden(params, config, hidden), cache
+  hidden, cache, router = _body(params, config, x, positions, kv_mask, cache, start)
+  out = hidden if return_hidden else logits_from_hidden(params, config, hidden)
+  return (out, cache, router) if return_router else (out, cache)
 
 
 def block_causal_mask(length: int, block: int):

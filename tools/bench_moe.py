@@ -32,6 +32,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from dmax_jax import config as config_lib  # pylint: disable=wrong-import-position
 from dmax_jax import moe  # pylint: disable=wrong-import-position
+from dmax_jax.benchmarking import copy_bandwidth, time_fn, uniform_routing  # pylint: disable=wrong-import-position
 from dmax_jax.kernels import moe_pallas  # pylint: disable=wrong-import-position
 
 BACKENDS = ("dense", "grouped", "pallas")
@@ -52,29 +53,6 @@ def tiny_config(**numerics):
       num_experts_per_tok=4, n_group=4, topk_group=2)
 
 
-def time_fn(fn, args, *, warmup, iters, rounds):
-  """Median seconds per call: ``rounds`` rounds of ``iters`` asynchronous calls, one sync per round."""
-  out = None
-  for _ in range(warmup):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  per_call = []
-  for _ in range(rounds):
-    start = time.perf_counter()
-    for _ in range(iters):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    per_call.append((time.perf_counter() - start) / iters)
-  return statistics.median(per_call)
-
-
-def copy_bandwidth(nbytes, **timing):
-  """Bytes/s of an elementwise negate of a ``nbytes`` bf16 array (read + write counted)."""
-  a = jnp.ones((nbytes // 2,), jnp.bfloat16)
-  seconds = time_fn(jax.jit(jnp.negative), (a,), **timing)
-  return 2 * a.nbytes / seconds
-
-
 def layer_params(key, cfg, dtype):
   """One MoE layer's weights (the ``params.py`` layout), experts in ``dtype``, router fp32."""
   D, E, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
@@ -89,14 +67,6 @@ def layer_params(key, cfg, dtype):
       w_gate=normal(k[1], (E, D, F), D), w_up=normal(k[2], (E, D, F), D), w_down=normal(k[3], (E, F, D), F),
       shared_gate=normal(k[4], (D, Fs), D), shared_up=normal(k[5], (D, Fs), D),
       shared_down=normal(k[6], (Fs, D), Fs))
-
-
-def uniform_routing(key, T, E, X):
-  """Top-X distinct experts per token, uniformly at random; combine weights normalised to 1."""
-  ki, kw = jax.random.split(key)
-  idx = jnp.argsort(jax.random.uniform(ki, (T, E)), axis=1)[:, :X].astype(jnp.int32)
-  w = jax.random.uniform(kw, (T, X), minval=0.1, maxval=1.0)
-  return idx, w / w.sum(axis=1, keepdims=True)
 
 
 def expert_fn(backend, **pallas_kw):

@@ -1,0 +1,208 @@
+"""Decode speed of the real LLaDA-2.0-mini architecture against its memory-bandwidth limit.
+
+  python tools/bench_decode.py                       # on the GPU: real shapes, random bf16 weights
+  python tools/bench_decode.py --tiny                # tiny shapes, any device (smoke test)
+  python tools/bench_decode.py --backends pallas,grouped --batches 1,8 --json OUT.json
+
+Reports median / min / max over rounds of:
+  prefill   one 512-token forward that fills the KV cache (batch 1);
+  forward   one decoding forward: a 32-token block over a 512-token cache, at each batch size,
+            timed as a device loop of back-to-back forwards carrying the cache (as the decoder runs);
+  spd loop  the whole compiled SPD program (``decoding._generate_jit``) on a 448-token prompt and two
+            32-token blocks; forwards/s, and its overhead over the same number of bare forwards.
+For each forward it also reports the distinct routed experts touched per MoE layer, the bytes the
+forward must read (weights it touches + the KV cache), the bandwidth limit = bytes / copy bandwidth
+(measured in the same run), and measured / limit.
+
+Routing: ``raw`` uses the random router weights as they are (random hidden states route to few
+experts); ``uniform`` replaces the router's choice by uniform random top-k per token, which touches
+about as many experts as a trained model does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from dmax_jax import config as config_lib  # pylint: disable=wrong-import-position
+from dmax_jax import decoding, model, moe, params as params_lib  # pylint: disable=wrong-import-position
+from dmax_jax.benchmarking import copy_bandwidth, time_calls, uniform_routing  # pylint: disable=wrong-import-position
+
+_raw_route = moe.route
+
+
+def _uniform_route(router_w_DE, expert_bias_E, x_TD, cfg):
+  """Uniform random top-k per token; a different draw per layer (keyed by that layer's router weights)."""
+  del expert_bias_E
+  seed = jax.lax.bitcast_convert_type(router_w_DE[0, 0].astype(jnp.float32), jnp.uint32)
+  idx, w = uniform_routing(jax.random.key(seed), x_TD.shape[0], cfg.num_experts, cfg.num_experts_per_tok)
+  return idx, w * cfg.routed_scaling_factor
+
+
+def set_routing(mode):
+  moe.route = _uniform_route if mode == "uniform" else _raw_route
+
+
+def make_params(cfg, key):
+  return jax.jit(lambda k: params_lib.init_params(cfg, k, jnp.bfloat16))(key)
+
+
+def forward_bytes(cfg, touched_per_layer, batch, cache_len):
+  """Bytes one decoding forward must read: lm_head, attention, dense MLP, routers, shared and touched experts, KV cache."""
+  b = 2  # bf16
+  D, V = cfg.hidden_size, cfg.vocab_size
+  attn = (D * cfg.qkv_size + cfg.num_attention_heads * cfg.head_dim * D) * b * cfg.num_hidden_layers
+  dense = 3 * D * cfg.intermediate_size * b * cfg.num_dense_layers
+  fixed_moe = (D * cfg.num_experts + 3 * D * cfg.shared_intermediate_size) * b * cfg.num_moe_layers
+  expert = 3 * D * cfg.moe_intermediate_size * b
+  kv = cfg.num_hidden_layers * batch * cache_len * cfg.num_key_value_heads * cfg.head_dim * 2 * b
+  return D * V * b + attn + dense + fixed_moe + expert * int(np.sum(touched_per_layer)) + kv
+
+
+def stats(xs):
+  return dict(median=statistics.median(xs), min=min(xs), max=max(xs))
+
+
+def bench_forwards(cfg, params, batch, S, Lq, start, *, loop, rounds):
+  """Per-forward seconds of ``loop`` back-to-back cached forwards of Lq queries at ``start``; plus routing."""
+  K = 32
+  key_blk = jnp.arange(S) // K
+  q_blk = (start + jnp.arange(Lq)) // K
+  kv_mask = jnp.broadcast_to(key_blk[None, :] <= q_blk[:, None], (batch, Lq, S))
+  pos = jnp.broadcast_to(start + jnp.arange(Lq), (batch, Lq))
+  emb = jax.random.normal(jax.random.key(1), (batch, Lq, cfg.hidden_size), jnp.bfloat16)
+
+  @jax.jit
+  def run(params, cache, emb):
+    def body(_, carry):
+      cache, acc = carry
+      logits, cache = model.forward_cached(params, cfg, cache, start=start, kv_mask=kv_mask, embeds=emb, positions=pos)
+      return cache, acc + logits[:, -1, :8].sum()
+
+    return jax.lax.fori_loop(0, loop, body, (cache, jnp.float32(0)))
+
+  cache = model.init_cache(cfg, batch, S, jnp.bfloat16)
+  times = [t / loop for t in time_calls(run, (params, cache, emb), warmup=1, iters=1, rounds=rounds)]
+  _, _, (ids, _) = jax.jit(lambda p, c, e: model.forward_cached(
+      p, cfg, c, start=start, kv_mask=kv_mask, embeds=e, positions=pos, return_router=True))(params, cache, emb)
+  ids = np.asarray(ids)  # [layers, B, L, k]
+  touched = [len(np.unique(ids[l])) for l in range(ids.shape[0])]
+  return times, touched
+
+
+def bench_prefill(cfg, params, S, rounds, L=None):
+  """Seconds of one L-token (default S) forward from position 0 into an S-position cache."""
+  L = L or S
+  mask = jnp.broadcast_to(jnp.arange(S)[None, :] // 32 <= jnp.arange(L)[:, None] // 32, (1, L, S))
+  tokens = jax.random.randint(jax.random.key(2), (1, L), 0, cfg.vocab_size)
+  cache = model.init_cache(cfg, 1, S, jnp.bfloat16)
+  fn = jax.jit(lambda p, c, t: model.forward_cached(p, cfg, c, start=0, kv_mask=mask, tokens=t, return_hidden=True)[0])
+  return time_calls(fn, (params, cache, tokens), warmup=1, iters=1, rounds=rounds)
+
+
+def bench_spd_loop(cfg, params, batch, prompt_len, gen, rounds, prefill_s):
+  """(seconds per executed forward, forwards executed per run, nfe) of the compiled SPD program.
+
+  ``prefill_s`` (the program's prompt prefill, timed separately) is taken off the run time.
+  """
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, cfg.vocab_size - 1000, prompt_len).tolist() for _ in range(batch)]
+  strategy = decoding.SPD(threshold=0.0, confidence_stop=2.0)  # decode a block at once, then revise every step
+  layout, plan = decoding.plan_batch(prompts, gen, 32, cfg)
+  rule, hp = decoding._split_strategy(strategy)  # pylint: disable=protected-access
+  args = (params, cfg, rule, hp, layout, jnp.asarray(plan["canvas"]), jnp.asarray(plan["shift"]),
+          jnp.asarray(plan["n_dec"]), jax.random.key(0), False)
+  fn = lambda *a: decoding._generate_jit(*a)  # pylint: disable=protected-access,unnecessary-lambda
+  out = fn(*args)
+  nfe = np.asarray(out[1])
+  forwards = int(nfe.max())  # lockstep: the batch runs as many forwards as its slowest sequence
+  times = time_calls(fn, args, warmup=0, iters=1, rounds=rounds)
+  return [(t - prefill_s) / forwards for t in times], forwards, nfe.tolist(), layout
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test on any device)")
+  ap.add_argument("--backends", default="pallas", help="MoE backends to time, comma separated")
+  ap.add_argument("--batches", default="1,8")
+  ap.add_argument("--routing", default="raw,uniform")
+  ap.add_argument("--rounds", type=int, default=7)
+  ap.add_argument("--loop", type=int, default=10, help="forwards per timed device loop")
+  ap.add_argument("--no-spd", action="store_true")
+  ap.add_argument("--json", default=None)
+  args = ap.parse_args(argv)
+
+  cfg = config_lib.llada2_mini(compute_dtype="bfloat16")
+  if args.tiny:
+    cfg = dataclasses.replace(cfg, vocab_size=4096, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=32, intermediate_size=256, moe_intermediate_size=64,
+                              num_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, mask_token_id=4095,
+                              eos_token_id=4094, pad_token_id=4094)
+  S, K = 512, 32
+  dev = jax.devices()[0]
+  print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
+  bw = copy_bandwidth(1 << 30 if not args.tiny else 1 << 24, warmup=2, iters=5, rounds=5)
+  print(f"copy bandwidth: {bw / 1e12:.3f} TB/s (read + write)", flush=True)
+  params = make_params(cfg, jax.random.key(0))
+  n_params = params_lib.count_params(cfg)
+  print(f"params: {n_params / 1e9:.3f} B ({2 * n_params / 1e9:.1f} GB bf16)", flush=True)
+  results = dict(device=dev.device_kind, jax=jax.__version__, copy_bw=bw, rows=[])
+  rows = results["rows"]
+  for backend in args.backends.split(","):
+    c = dataclasses.replace(cfg, moe_backend=backend)
+    set_routing("raw")
+    pre = bench_prefill(c, params, S, args.rounds)
+    rows.append(dict(what="prefill 512", backend=backend, routing="raw", batch=1, **stats(pre)))
+    for routing in args.routing.split(","):
+      set_routing(routing)
+      for batch in map(int, args.batches.split(",")):
+        times, touched = bench_forwards(c, params, batch, S, K, S - K, loop=args.loop, rounds=args.rounds)
+        nbytes = forward_bytes(c, touched, batch, S)
+        limit = nbytes / bw
+        st = stats(times)
+        rows.append(dict(what="forward 32/512", backend=backend, routing=routing, batch=batch, **st,
+                         experts_per_layer=float(np.mean(touched)), bytes=nbytes, limit=limit, ratio=st["median"] / limit,
+                         implied_tok_s=5.47 * batch / st["median"]))
+    set_routing("raw")
+    if not args.no_spd:
+      t32, _ = bench_forwards(c, params, 1, S, K, S - K, loop=args.loop, rounds=args.rounds)
+      t64, _ = bench_forwards(c, params, 1, S, 2 * K, S - 2 * K, loop=args.loop, rounds=args.rounds)
+      prefill_s = statistics.median(bench_prefill(c, params, S, args.rounds, L=S - 2 * K))
+      times, forwards, nfe, layout = bench_spd_loop(c, params, 1, S - 2 * K, 2 * K, args.rounds, prefill_s)
+      blocks = layout.D
+      bare = (blocks * statistics.median(t64) + (forwards - blocks) * statistics.median(t32)) / forwards
+      st = stats(times)
+      rows.append(dict(what="spd loop", backend=backend, routing="raw", batch=1, **st, forwards=forwards,
+                       forwards_per_s=1 / st["median"], bare_forward=bare, overhead=st["median"] / bare - 1))
+  set_routing("raw")
+
+  print()
+  print(f"{'what':16s} {'backend':8s} {'routing':8s} {'B':>2s} {'median ms':>10s} {'min':>8s} {'max':>8s} "
+        f"{'exp/layer':>9s} {'GB read':>8s} {'limit ms':>9s} {'ratio':>6s}  extra")
+  for r in rows:
+    extra = ""
+    if "implied_tok_s" in r:
+      extra = f"{r['implied_tok_s']:.0f} tok/s at TPF 5.47"
+    if "overhead" in r:
+      extra = f"{r['forwards']} fwd, {r['forwards_per_s']:.1f} fwd/s, bare {1e3 * r['bare_forward']:.2f} ms, overhead {100 * r['overhead']:+.1f}%"
+    print(f"{r['what']:16s} {r['backend']:8s} {r['routing']:8s} {r['batch']:2d} {1e3 * r['median']:10.3f} "
+          f"{1e3 * r['min']:8.3f} {1e3 * r['max']:8.3f} "
+          f"{r.get('experts_per_layer', float('nan')):9.1f} {r.get('bytes', float('nan')) / 1e9:8.3f} "
+          f"{1e3 * r.get('limit', float('nan')):9.3f} {r.get('ratio', float('nan')):6.2f}  {extra}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
