@@ -129,9 +129,19 @@ def _layer(p, x_BLD, positions_BL, cfg: ModelConfig, kind: str, mask, kv):
 
 def _run_stack(stack, x, positions, cfg: ModelConfig, kind: str, mask, cache, start):
   """Runs a stack of layers (scan or Python loop). Returns (x, new cache stack, router per layer)."""
+  num = jax.tree.leaves(stack)[0].shape[0]
+  shared = {}
+  if kind == "moe" and cfg.moe_backend == "pallas" and cfg.scan_layers:
+    # Slicing a layer's experts out of the [layers, E, ...] stack would copy ~1.6 GB per layer at
+    # LLaDA-2.0-mini size; the kernel instead reads the flattened stack at the layer's offset.
+    stack = dict(stack)
+    shared["experts_flat"] = tuple(
+        (lambda w: w.reshape((-1,) + w.shape[2:]))(stack.pop(k)) for k in ("w_gate", "w_up", "w_down"))
+    stack["layer"] = jnp.arange(num, dtype=jnp.int32)
 
   def body(x, layer):
     p, c = layer
+    p = dict(p, **shared)
     kv = None if c is None else (c["k"], c["v"], start)
     x, new_kv, router = _layer(p, x, positions, cfg, kind, mask, kv)
     new_c = None if new_kv is None else {"k": new_kv[0], "v": new_kv[1]}
@@ -141,7 +151,6 @@ def _run_stack(stack, x, positions, cfg: ModelConfig, kind: str, mask, cache, st
     body = jax.checkpoint(body, prevent_cse=not cfg.scan_layers)
   if cfg.scan_layers:
     return (lambda out: (out[0], out[1][0], out[1][1]))(jax.lax.scan(body, x, (stack, cache)))
-  num = jax.tree.leaves(stack)[0].shape[0]
   outs = []
   for i in range(num):
     layer = jax.tree.map(lambda a: a[i], (stack, cache))

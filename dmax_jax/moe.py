@@ -115,7 +115,12 @@ def moe_mlp(p, x_TD, cfg: ModelConfig):
   elif cfg.moe_backend == "pallas":
     from dmax_jax.kernels import moe_pallas  # pylint: disable=import-outside-toplevel
 
-    routed = moe_pallas.experts_pallas(x_TD, idx_TX, w_TX, p["w_gate"], p["w_up"], p["w_down"])
+    if "experts_flat" in p:  # every layer's experts, read in place (see model._run_stack)
+      wg, wu, wd = p["experts_flat"]
+      routed = moe_pallas.experts_pallas(x_TD, idx_TX, w_TX, wg, wu, wd, num_experts=cfg.num_experts,
+                                         expert_offset=p["layer"] * cfg.num_experts)
+    else:
+      routed = moe_pallas.experts_pallas(x_TD, idx_TX, w_TX, p["w_gate"], p["w_up"], p["w_down"])
   else:
     raise ValueError(f"unknown moe_backend {cfg.moe_backend!r}")
   y = routed

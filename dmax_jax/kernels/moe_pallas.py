@@ -169,12 +169,16 @@ def grouped_down(h_PF, expert_B, used, w_down_EFD, *, tile_d, **kw):
 
 
 def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, block_rows=16, interpret=None,
-                   tile_f=128, tile_d=128, tile_k=128, num_warps=4, num_stages=3):
+                   tile_f=128, tile_d=128, tile_k=128, num_warps=4, num_stages=3, num_experts=None, expert_offset=0):
   """Routed-expert output [T, D], same contract as ``moe.experts_dense``.
 
   Expert weights are cast to x's dtype, matmuls accumulate in fp32, SwiGLU
   runs in fp32, combine weights are applied in fp32 and the result is
   returned in x's dtype. ``interpret`` defaults to True on the CPU backend.
+  The weights may hold several layers' experts flattened to ``[layers * E, ...]``:
+  then ``num_experts`` is E and ``expert_offset`` (traced is fine) is the
+  layer's first row, so a scan over layers reads its slice in place instead
+  of copying it out of the stacked parameter first.
   ``tile_f`` / ``tile_d`` / ``tile_k`` are upper bounds on the F tile of
   kernel A, the D tile of kernel B and the contraction chunk of both;
   ``num_warps`` / ``num_stages`` are Triton's launch settings. The defaults
@@ -186,10 +190,12 @@ def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, bloc
     interpret = jax.default_backend() == "cpu"
   dtype = x_TD.dtype
   T, D = x_TD.shape
-  E, _, F = w_gate_EDF.shape
+  _, _, F = w_gate_EDF.shape
+  E = num_experts or w_gate_EDF.shape[0]
   if not interpret and (block_rows < 16 or block_rows & (block_rows - 1)):
     raise ValueError(f"block_rows must be a power of two >= 16 on the GPU, got {block_rows}")
   layout = block_layout(idx_TX, E, block_rows)
+  layout["expert"] = layout["expert"] + expert_offset
   xs_PD = jnp.take(x_TD, layout["src"], axis=0, mode="fill", fill_value=0)
   kw = dict(block_rows=block_rows, interpret=interpret, num_warps=num_warps, num_stages=num_stages)
   h_PF = grouped_swiglu(xs_PD, layout["expert"], layout["used"], w_gate_EDF, w_up_EDF, tile_f=_tile(F, tile_f),
