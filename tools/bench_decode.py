@@ -8,8 +8,9 @@ Reports median / min / max over rounds of:
   prefill   one 512-token forward that fills the KV cache (batch 1);
   forward   one decoding forward: a 32-token block over a 512-token cache, at each batch size,
             timed as a device loop of back-to-back forwards carrying the cache (as the decoder runs);
-  spd loop  the whole compiled SPD program (``decoding._generate_jit``) on a 448-token prompt and two
-            32-token blocks; forwards/s, and its overhead over the same number of bare forwards.
+  spd loop  the whole compiled SPD program (``decoding._generate_jit``) on a 32-token prompt and fifteen
+            32-token blocks (uniform routing); forwards/s, and its overhead over the same number
+            of bare forwards (each block's first forward covers 64 queries, the others 32).
 For each forward it also reports the distinct routed experts touched per MoE layer, the bytes the
 forward must read (weights it touches + the KV cache), the bandwidth limit = bytes / copy bandwidth
 (measured in the same run), and measured / limit.
@@ -139,6 +140,7 @@ def main(argv=None):
   ap.add_argument("--rounds", type=int, default=7)
   ap.add_argument("--loop", type=int, default=10, help="forwards per timed device loop")
   ap.add_argument("--no-spd", action="store_true")
+  ap.add_argument("--only-spd", action="store_true", help="skip the prefill and forward rows")
   ap.add_argument("--json", default=None)
   args = ap.parse_args(argv)
 
@@ -161,9 +163,10 @@ def main(argv=None):
   for backend in args.backends.split(","):
     c = dataclasses.replace(cfg, moe_backend=backend)
     set_routing("raw")
-    pre = bench_prefill(c, params, S, args.rounds)
-    rows.append(dict(what="prefill 512", backend=backend, routing="raw", batch=1, **stats(pre)))
-    for routing in args.routing.split(","):
+    if not args.only_spd:
+      pre = bench_prefill(c, params, S, args.rounds)
+      rows.append(dict(what="prefill 512", backend=backend, routing="raw", batch=1, **stats(pre)))
+    for routing in ([] if args.only_spd else args.routing.split(",")):
       set_routing(routing)
       for batch in map(int, args.batches.split(",")):
         times, touched = bench_forwards(c, params, batch, S, K, S - K, loop=args.loop, rounds=args.rounds)
@@ -173,16 +176,18 @@ def main(argv=None):
         rows.append(dict(what="forward 32/512", backend=backend, routing=routing, batch=batch, **st,
                          experts_per_layer=float(np.mean(touched)), bytes=nbytes, limit=limit, ratio=st["median"] / limit,
                          implied_tok_s=5.47 * batch / st["median"]))
-    set_routing("raw")
     if not args.no_spd:
+      # Uniform routing here, so the loop and the bare forwards it is compared with touch as many experts.
+      set_routing("uniform")
+      prompt_len, gen = K, S - K  # a one-block prompt and 15 decoded blocks: the prefill is negligible
       t32, _ = bench_forwards(c, params, 1, S, K, S - K, loop=args.loop, rounds=args.rounds)
       t64, _ = bench_forwards(c, params, 1, S, 2 * K, S - 2 * K, loop=args.loop, rounds=args.rounds)
-      prefill_s = statistics.median(bench_prefill(c, params, S, args.rounds, L=S - 2 * K))
-      times, forwards, nfe, layout = bench_spd_loop(c, params, 1, S - 2 * K, 2 * K, args.rounds, prefill_s)
+      prefill_s = statistics.median(bench_prefill(c, params, S, args.rounds, L=K))
+      times, forwards, nfe, layout = bench_spd_loop(c, params, 1, prompt_len, gen, args.rounds, prefill_s)
       blocks = layout.D
       bare = (blocks * statistics.median(t64) + (forwards - blocks) * statistics.median(t32)) / forwards
       st = stats(times)
-      rows.append(dict(what="spd loop", backend=backend, routing="raw", batch=1, **st, forwards=forwards,
+      rows.append(dict(what="spd loop", backend=backend, routing="uniform", batch=1, **st, forwards=forwards,
                        forwards_per_s=1 / st["median"], bare_forward=bare, overhead=st["median"] / bare - 1))
   set_routing("raw")
 
