@@ -1,0 +1,141 @@
+"""Generated arithmetic word problems in GSM8K's format (the demo's task).
+
+Each problem is a short story with one to three operations on small
+numbers; its answer gives the worked steps with ``<<expr=value>>``
+annotations and ends with a ``#### n`` line, like GSM8K::
+
+  {"question": "Mia has 7 pens. She buys 5 more. How many pens does Mia have now?",
+   "answer": "Mia has 7+5=<<7+5=12>>12 pens now.\\n#### 12"}
+
+Generation is deterministic: ``problems(n, seed)`` always returns the same
+list. ``splits`` draws a train and a test set from different seeds and drops
+every test problem whose question also occurs in the train set, so the test
+set is held out. Every answer is a non-negative integer below 1000.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Callable
+
+NAMES = (("Mia", "she"), ("Tom", "he"), ("Ava", "she"), ("Sam", "he"), ("Lily", "she"), ("Ben", "he"),
+         ("Emma", "she"), ("Leo", "he"), ("Zoe", "she"), ("Max", "he"), ("Ella", "she"), ("Jack", "he"))
+ITEMS = ("apple", "pen", "book", "card", "egg", "toy", "cookie", "marble", "sticker", "shell", "coin", "flower")
+CONTAINERS = (("box", "boxes"), ("bag", "bags"), ("jar", "jars"), ("basket", "baskets"), ("pack", "packs"))
+
+
+def _add(r: random.Random, name, pron, item, _):
+  a, b = r.randint(2, 60), r.randint(2, 40)
+  c = a + b
+  q = f"{name} has {a} {item}s. {pron.capitalize()} buys {b} more. How many {item}s does {name} have now?"
+  return q, [f"{name} has {a}+{b}=<<{a}+{b}={c}>>{c} {item}s now."], c
+
+
+def _sub(r, name, pron, item, _):
+  a = r.randint(10, 90)
+  b = r.randint(1, a - 1)
+  c = a - b
+  q = f"{name} has {a} {item}s. {pron.capitalize()} gives away {b}. How many {item}s are left?"
+  return q, [f"{name} has {a}-{b}=<<{a}-{b}={c}>>{c} {item}s left."], c
+
+
+def _mul(r, name, pron, item, box):
+  box, boxes = box
+  a, b = r.randint(2, 12), r.randint(2, 12)
+  c = a * b
+  q = f"{name} buys {a} {boxes} of {item}s. Each {box} has {b} {item}s. How many {item}s does {pron} buy?"
+  return q, [f"{name} buys {a}*{b}=<<{a}*{b}={c}>>{c} {item}s."], c
+
+
+def _div(r, name, pron, item, _):
+  b, c = r.randint(2, 9), r.randint(2, 12)
+  a = b * c
+  q = f"{name} shares {a} {item}s equally among {b} friends. How many {item}s does each friend get?"
+  return q, [f"Each friend gets {a}/{b}=<<{a}/{b}={c}>>{c} {item}s."], c
+
+
+def _mul_sub(r, name, pron, item, box):
+  box, boxes = box
+  a, b = r.randint(2, 9), r.randint(2, 9)
+  n = a * b
+  d = r.randint(1, n - 1)
+  c = n - d
+  q = (f"{name} has {a} {boxes} with {b} {item}s in each. {pron.capitalize()} eats {d} {item}s. "
+       f"How many {item}s are left?")
+  return q, [f"{name} has {a}*{b}=<<{a}*{b}={n}>>{n} {item}s.", f"{n}-{d}=<<{n}-{d}={c}>>{c} {item}s are left."], c
+
+
+def _price(r, name, pron, item, _):
+  a, b = r.randint(2, 9), r.randint(2, 9)
+  cost = a * b
+  paid = cost + r.randint(1, 30)
+  c = paid - cost
+  q = f"{name} buys {a} {item}s at ${b} each and pays with ${paid}. How much change does {pron} get?"
+  return q, [f"The {item}s cost {a}*{b}=$<<{a}*{b}={cost}>>{cost}.",
+             f"The change is {paid}-{cost}=$<<{paid}-{cost}={c}>>{c}."], c
+
+
+def _two_days(r, name, pron, item, _):
+  a, b, p = r.randint(2, 20), r.randint(2, 20), r.randint(2, 9)
+  n = a + b
+  c = n * p
+  q = (f"One {item} costs ${p}. {name} buys {a} {item}s on Monday and {b} on Tuesday. "
+       f"How much does {pron} spend?")
+  return q, [f"{name} buys {a}+{b}=<<{a}+{b}={n}>>{n} {item}s.", f"{pron.capitalize()} spends {n}*{p}=$<<{n}*{p}={c}>>{c}."], c
+
+
+def _three_steps(r, name, pron, item, box):
+  _, boxes = box
+  a, b = r.randint(2, 6), r.randint(2, 9)
+  n = a * b
+  g = r.randint(1, n - 1)
+  m = n - g
+  e = r.randint(2, 30)
+  c = m + e
+  q = (f"{name} has {a} {boxes} of {b} {item}s. {pron.capitalize()} gives {g} away and then finds {e} more. "
+       f"How many {item}s does {name} have?")
+  return q, [f"{name} has {a}*{b}=<<{a}*{b}={n}>>{n} {item}s.", f"{n}-{g}=<<{n}-{g}={m}>>{m} are left.",
+             f"Then {pron} has {m}+{e}=<<{m}+{e}={c}>>{c}."], c
+
+
+TEMPLATES: tuple[Callable, ...] = (_add, _sub, _mul, _div, _mul_sub, _price, _two_days, _three_steps)
+
+
+def problem(r: random.Random) -> dict:
+  """One random problem: {"question", "answer"} (the answer's steps, then ``#### n``)."""
+  name, pron = r.choice(NAMES)
+  template = r.choice(TEMPLATES)
+  question, steps, value = template(r, name, pron, r.choice(ITEMS), r.choice(CONTAINERS))
+  assert 0 <= value < 1000, (template.__name__, value)
+  return {"question": question, "answer": "\n".join(steps) + f"\n#### {value}"}
+
+
+def problems(n: int, seed: int) -> list[dict]:
+  """``n`` problems, the same for the same ``seed``."""
+  r = random.Random(seed)
+  return [problem(r) for _ in range(n)]
+
+
+def splits(n_train: int, n_test: int, seed: int) -> tuple[list[dict], list[dict]]:
+  """(train, test): the test problems drawn from another seed, none sharing a question with train."""
+  train = problems(n_train, seed)
+  seen = {p["question"] for p in train}
+  test, r = [], random.Random(seed + 1_000_003)
+  while len(test) < n_test:
+    p = problem(r)
+    if p["question"] not in seen:
+      seen.add(p["question"])
+      test.append(dict(p, id=len(test)))
+  return train, test
+
+
+def write_jsonl(rows: list[dict], path: str) -> None:
+  """Writes ``rows`` one JSON object a line (via a temporary file, so the file appears whole)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+  os.replace(tmp, path)
