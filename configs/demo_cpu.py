@@ -42,8 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.block_length = 8  # K: the training block size and the decoding block length
 
   c.sft = ml_collections.ConfigDict()  # (1) block-diffusion SFT from scratch: the base model
-  c.sft.steps = 300  # optimizer steps
-  c.sft.batch_size = 32  # sequences per step
+  c.sft.steps = 400  # optimizer steps
+  c.sft.batch_size = 16  # sequences per step
   c.sft.lr = 2e-3  # peak AdamW learning rate (warmup then cosine)
   c.sft.warmup_ratio = 0.05  # warmup fraction
   c.sft.noise_low = 0.1  # t ~ U[low, high]: a base model must unmask from any noise level
@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.oput = ml_collections.ConfigDict()  # (3) OPUT fine-tuning of the base model on its own outputs
   c.oput.steps = 150  # optimizer steps
-  c.oput.batch_size = 32  # sequences per step (half on-policy, half off-policy on average)
+  c.oput.batch_size = 16  # sequences per step (half on-policy, half off-policy on average)
   c.oput.lr = 5e-4  # peak AdamW learning rate
   c.oput.warmup_ratio = 0.03  # as DMax
   c.oput.noise = 0.75  # DMax's fixed noise level

@@ -27,14 +27,14 @@ CONTAINERS = (("box", "boxes"), ("bag", "bags"), ("jar", "jars"), ("basket", "ba
 
 
 def _add(r: random.Random, name, pron, item, _):
-  a, b = r.randint(2, 60), r.randint(2, 40)
+  a, b = r.randint(2, 30), r.randint(2, 20)
   c = a + b
   q = f"{name} has {a} {item}s. {pron.capitalize()} buys {b} more. How many {item}s does {name} have now?"
   return q, [f"{name} has {a}+{b}=<<{a}+{b}={c}>>{c} {item}s now."], c
 
 
 def _sub(r, name, pron, item, _):
-  a = r.randint(10, 90)
+  a = r.randint(10, 40)
   b = r.randint(1, a - 1)
   c = a - b
   q = f"{name} has {a} {item}s. {pron.capitalize()} gives away {b}. How many {item}s are left?"
@@ -43,14 +43,14 @@ def _sub(r, name, pron, item, _):
 
 def _mul(r, name, pron, item, box):
   box, boxes = box
-  a, b = r.randint(2, 12), r.randint(2, 12)
+  a, b = r.randint(2, 9), r.randint(2, 9)
   c = a * b
   q = f"{name} buys {a} {boxes} of {item}s. Each {box} has {b} {item}s. How many {item}s does {pron} buy?"
   return q, [f"{name} buys {a}*{b}=<<{a}*{b}={c}>>{c} {item}s."], c
 
 
 def _div(r, name, pron, item, _):
-  b, c = r.randint(2, 9), r.randint(2, 12)
+  b, c = r.randint(2, 9), r.randint(2, 9)
   a = b * c
   q = f"{name} shares {a} {item}s equally among {b} friends. How many {item}s does each friend get?"
   return q, [f"Each friend gets {a}/{b}=<<{a}/{b}={c}>>{c} {item}s."], c
@@ -70,7 +70,7 @@ def _mul_sub(r, name, pron, item, box):
 def _price(r, name, pron, item, _):
   a, b = r.randint(2, 9), r.randint(2, 9)
   cost = a * b
-  paid = cost + r.randint(1, 30)
+  paid = cost + r.randint(1, 20)
   c = paid - cost
   q = f"{name} buys {a} {item}s at ${b} each and pays with ${paid}. How much change does {pron} get?"
   return q, [f"The {item}s cost {a}*{b}=$<<{a}*{b}={cost}>>{cost}.",
@@ -78,7 +78,7 @@ def _price(r, name, pron, item, _):
 
 
 def _two_days(r, name, pron, item, _):
-  a, b, p = r.randint(2, 20), r.randint(2, 20), r.randint(2, 9)
+  a, b, p = r.randint(2, 9), r.randint(2, 9), r.randint(2, 5)
   n = a + b
   c = n * p
   q = (f"One {item} costs ${p}. {name} buys {a} {item}s on Monday and {b} on Tuesday. "
@@ -92,7 +92,7 @@ def _three_steps(r, name, pron, item, box):
   n = a * b
   g = r.randint(1, n - 1)
   m = n - g
-  e = r.randint(2, 30)
+  e = r.randint(2, 20)
   c = m + e
   q = (f"{name} has {a} {boxes} of {b} {item}s. {pron.capitalize()} gives {g} away and then finds {e} more. "
        f"How many {item}s does {name} have?")

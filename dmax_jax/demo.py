@@ -26,7 +26,7 @@ from typing import Optional
 
 from dmax_jax import arith, evaluate, gsm8k, runner
 from dmax_jax.records import RecordWriter, read_records
-from dmax_jax.tokenizer import MATH_SUFFIX, ROLE_TOKENS, train_tokenizer
+from dmax_jax.tokenizer import LLADA2_CHAT_TEMPLATE, MATH_SUFFIX, train_tokenizer
 
 MODELS = ("base", "oput")
 STRATEGIES = ("threshold", "spd")
@@ -61,13 +61,22 @@ def make_data(config, workdir: str) -> tuple[str, str]:
   return train_path, test_path
 
 
+def _render(messages: list[dict]) -> str:
+  """A conversation in the chat template (the text the tokenizer will see in training and decoding)."""
+  from jinja2.sandbox import ImmutableSandboxedEnvironment  # pylint: disable=import-outside-toplevel
+
+  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+  return env.from_string(LLADA2_CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=False)
+
+
 def make_tokenizer(config, workdir: str, train_path: str) -> str:
   """Trains the BPE tokenizer on the training questions (with the math suffix) and answers."""
   out = os.path.join(workdir, "tokenizer")
   if not _done(os.path.join(out, "tokenizer.json"), "tokenizer"):
     rows = [json.loads(line) for line in open(train_path, encoding="utf-8")]
-    texts = [r["question"] + MATH_SUFFIX + r["answer"] for r in rows] + ["".join(ROLE_TOKENS)]
-    train_tokenizer(texts, config.tokenizer_vocab, out)
+    chat = [[{"role": "user", "content": r["question"] + MATH_SUFFIX}, {"role": "assistant", "content": r["answer"]}]
+            for r in rows]
+    train_tokenizer([_render(c) for c in chat], config.tokenizer_vocab, out)
   return out
 
 
