@@ -5,7 +5,7 @@ numbers; its answer gives the worked steps with ``<<expr=value>>``
 annotations and ends with a ``#### n`` line, like GSM8K::
 
   {"question": "Mia has 7 pens. She buys 5 more. How many pens does Mia have now?",
-   "answer": "Mia has 7+5=<<7+5=12>>12 pens now.\\n#### 12"}
+   "answer": "7+5=<<7+5=12>>12 pens.\\n#### 12"}
 
 Generation is deterministic: ``problems(n, seed)`` always returns the same
 list. ``splits`` draws a train and a test set from different seeds and drops
@@ -30,7 +30,7 @@ def _add(r: random.Random, name, pron, item, _):
   a, b = r.randint(2, 30), r.randint(2, 20)
   c = a + b
   q = f"{name} has {a} {item}s. {pron.capitalize()} buys {b} more. How many {item}s does {name} have now?"
-  return q, [f"{name} has {a}+{b}=<<{a}+{b}={c}>>{c} {item}s now."], c
+  return q, [f"{a}+{b}=<<{a}+{b}={c}>>{c} {item}s."], c
 
 
 def _sub(r, name, pron, item, _):
@@ -38,7 +38,7 @@ def _sub(r, name, pron, item, _):
   b = r.randint(1, a - 1)
   c = a - b
   q = f"{name} has {a} {item}s. {pron.capitalize()} gives away {b}. How many {item}s are left?"
-  return q, [f"{name} has {a}-{b}=<<{a}-{b}={c}>>{c} {item}s left."], c
+  return q, [f"{a}-{b}=<<{a}-{b}={c}>>{c} {item}s are left."], c
 
 
 def _mul(r, name, pron, item, box):
@@ -46,14 +46,14 @@ def _mul(r, name, pron, item, box):
   a, b = r.randint(2, 9), r.randint(2, 9)
   c = a * b
   q = f"{name} buys {a} {boxes} of {item}s. Each {box} has {b} {item}s. How many {item}s does {pron} buy?"
-  return q, [f"{name} buys {a}*{b}=<<{a}*{b}={c}>>{c} {item}s."], c
+  return q, [f"{a}*{b}=<<{a}*{b}={c}>>{c} {item}s."], c
 
 
 def _div(r, name, pron, item, _):
   b, c = r.randint(2, 9), r.randint(2, 9)
   a = b * c
   q = f"{name} shares {a} {item}s equally among {b} friends. How many {item}s does each friend get?"
-  return q, [f"Each friend gets {a}/{b}=<<{a}/{b}={c}>>{c} {item}s."], c
+  return q, [f"Each gets {a}/{b}=<<{a}/{b}={c}>>{c}."], c
 
 
 def _mul_sub(r, name, pron, item, box):
@@ -64,7 +64,7 @@ def _mul_sub(r, name, pron, item, box):
   c = n - d
   q = (f"{name} has {a} {boxes} with {b} {item}s in each. {pron.capitalize()} eats {d} {item}s. "
        f"How many {item}s are left?")
-  return q, [f"{name} has {a}*{b}=<<{a}*{b}={n}>>{n} {item}s.", f"{n}-{d}=<<{n}-{d}={c}>>{c} {item}s are left."], c
+  return q, [f"{a}*{b}=<<{a}*{b}={n}>>{n} {item}s.", f"{n}-{d}=<<{n}-{d}={c}>>{c} are left."], c
 
 
 def _price(r, name, pron, item, _):
@@ -73,8 +73,7 @@ def _price(r, name, pron, item, _):
   paid = cost + r.randint(1, 20)
   c = paid - cost
   q = f"{name} buys {a} {item}s at ${b} each and pays with ${paid}. How much change does {pron} get?"
-  return q, [f"The {item}s cost {a}*{b}=$<<{a}*{b}={cost}>>{cost}.",
-             f"The change is {paid}-{cost}=$<<{paid}-{cost}={c}>>{c}."], c
+  return q, [f"Cost: {a}*{b}=$<<{a}*{b}={cost}>>{cost}.", f"Change: {paid}-{cost}=$<<{paid}-{cost}={c}>>{c}."], c
 
 
 def _two_days(r, name, pron, item, _):
@@ -83,7 +82,7 @@ def _two_days(r, name, pron, item, _):
   c = n * p
   q = (f"One {item} costs ${p}. {name} buys {a} {item}s on Monday and {b} on Tuesday. "
        f"How much does {pron} spend?")
-  return q, [f"{name} buys {a}+{b}=<<{a}+{b}={n}>>{n} {item}s.", f"{pron.capitalize()} spends {n}*{p}=$<<{n}*{p}={c}>>{c}."], c
+  return q, [f"{a}+{b}=<<{a}+{b}={n}>>{n} {item}s.", f"Cost: {n}*{p}=$<<{n}*{p}={c}>>{c}."], c
 
 
 def _three_steps(r, name, pron, item, box):
@@ -96,8 +95,8 @@ def _three_steps(r, name, pron, item, box):
   c = m + e
   q = (f"{name} has {a} {boxes} of {b} {item}s. {pron.capitalize()} gives {g} away and then finds {e} more. "
        f"How many {item}s does {name} have?")
-  return q, [f"{name} has {a}*{b}=<<{a}*{b}={n}>>{n} {item}s.", f"{n}-{g}=<<{n}-{g}={m}>>{m} are left.",
-             f"Then {pron} has {m}+{e}=<<{m}+{e}={c}>>{c}."], c
+  return q, [f"{a}*{b}=<<{a}*{b}={n}>>{n} {item}s.", f"{n}-{g}=<<{n}-{g}={m}>>{m} are left.",
+             f"{m}+{e}=<<{m}+{e}={c}>>{c} in all."], c
 
 
 TEMPLATES: tuple[Callable, ...] = (_add, _sub, _mul, _div, _mul_sub, _price, _two_days, _three_steps)
