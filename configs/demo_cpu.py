@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.block_length = 8  # K: the training block size and the decoding block length
 
   c.sft = ml_collections.ConfigDict()  # (1) block-diffusion SFT from scratch: the base model
-  c.sft.steps = 500  # optimizer steps
+  c.sft.steps = 600  # optimizer steps
   c.sft.batch_size = 16  # sequences per step
   c.sft.lr = 3e-3  # peak AdamW learning rate (warmup then cosine)
   c.sft.warmup_ratio = 0.05  # warmup fraction
@@ -66,8 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()  # (4) held-out accuracy / TPF / tokens/s sweep
   c.eval.gen_length = 48  # tokens generated per problem
   c.eval.batch_size = 128  # problems per decoding batch (one compiled program per strategy)
-  c.eval.threshold_thresholds = (0.5, 0.7, 0.9, 0.95)  # threshold-decoding sweep
-  c.eval.spd_thresholds = (0.5, 0.7, 0.8, 0.9)  # SPD sweep
+  c.eval.threshold_thresholds = (0.1, 0.3, 0.5, 0.7, 0.9, 0.95)  # threshold-decoding sweep
+  c.eval.spd_thresholds = (0.0, 0.3, 0.5, 0.7, 0.9)  # SPD sweep
   c.eval.confidence_stop = 0.9  # SPD's block stop rule
   c.eval.dtype = "float32"  # params / compute dtype while decoding
   return c

@@ -27,15 +27,14 @@ CONTAINERS = (("box", "boxes"), ("bag", "bags"), ("jar", "jars"), ("basket", "ba
 
 
 def _add(r: random.Random, name, pron, item, _):
-  a, b = r.randint(2, 30), r.randint(2, 20)
+  a, b = r.randint(2, 20), r.randint(2, 9)
   c = a + b
   q = f"{name} has {a} {item}s. {pron.capitalize()} buys {b} more. How many {item}s does {name} have now?"
   return q, [f"{a}+{b}=<<{a}+{b}={c}>>{c} {item}s."], c
 
 
 def _sub(r, name, pron, item, _):
-  a = r.randint(10, 40)
-  b = r.randint(1, a - 1)
+  a, b = r.randint(10, 20), r.randint(2, 9)
   c = a - b
   q = f"{name} has {a} {item}s. {pron.capitalize()} gives away {b}. How many {item}s are left?"
   return q, [f"{a}-{b}=<<{a}-{b}={c}>>{c} {item}s are left."], c
@@ -58,9 +57,9 @@ def _div(r, name, pron, item, _):
 
 def _mul_sub(r, name, pron, item, box):
   box, boxes = box
-  a, b = r.randint(2, 9), r.randint(2, 9)
+  a, b = r.randint(2, 6), r.randint(2, 6)
   n = a * b
-  d = r.randint(1, n - 1)
+  d = r.randint(1, min(9, n - 1))
   c = n - d
   q = (f"{name} has {a} {boxes} with {b} {item}s in each. {pron.capitalize()} eats {d} {item}s. "
        f"How many {item}s are left?")
@@ -68,9 +67,9 @@ def _mul_sub(r, name, pron, item, box):
 
 
 def _price(r, name, pron, item, _):
-  a, b = r.randint(2, 9), r.randint(2, 9)
+  a, b = r.randint(2, 5), r.randint(2, 5)
   cost = a * b
-  paid = cost + r.randint(1, 20)
+  paid = cost + r.randint(1, 9)
   c = paid - cost
   q = f"{name} buys {a} {item}s at ${b} each and pays with ${paid}. How much change does {pron} get?"
   return q, [f"Cost: {a}*{b}=$<<{a}*{b}={cost}>>{cost}.", f"Change: {paid}-{cost}=$<<{paid}-{cost}={c}>>{c}."], c
@@ -87,11 +86,11 @@ def _two_days(r, name, pron, item, _):
 
 def _three_steps(r, name, pron, item, box):
   _, boxes = box
-  a, b = r.randint(2, 6), r.randint(2, 9)
+  a, b = r.randint(2, 5), r.randint(2, 5)
   n = a * b
-  g = r.randint(1, n - 1)
+  g = r.randint(1, min(9, n - 1))
   m = n - g
-  e = r.randint(2, 20)
+  e = r.randint(2, 9)
   c = m + e
   q = (f"{name} has {a} {boxes} of {b} {item}s. {pron.capitalize()} gives {g} away and then finds {e} more. "
        f"How many {item}s does {name} have?")
