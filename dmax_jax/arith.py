@@ -1,7 +1,10 @@
 """Generated arithmetic word problems in GSM8K's format (the demo's task).
 
 Each problem is a short story with one to three operations on small
-numbers; its answer gives the worked steps with ``<<expr=value>>``
+numbers (single-digit facts, so a small model can learn them in minutes);
+commutative steps name their operands in either order, so an answer has
+several right spellings, as natural text does (the ambiguity that makes
+decoding many tokens at once hard); its answer gives the worked steps with ``<<expr=value>>``
 annotations and ends with a ``#### n`` line, like GSM8K::
 
   {"question": "Mia has 7 pens. She buys 5 more. How many pens does Mia have now?",
@@ -26,11 +29,17 @@ ITEMS = ("apple", "pen", "book", "card", "egg", "toy", "cookie", "marble", "stic
 CONTAINERS = (("box", "boxes"), ("bag", "bags"), ("jar", "jars"), ("basket", "baskets"), ("pack", "packs"))
 
 
+def _either(r: random.Random, a: int, b: int) -> tuple[int, int]:
+  """The operands of a commutative step in either order: answers, like people, write both."""
+  return (a, b) if r.random() < 0.5 else (b, a)
+
+
 def _add(r: random.Random, name, pron, item, _):
   a, b = r.randint(2, 20), r.randint(2, 9)
   c = a + b
   q = f"{name} has {a} {item}s. {pron.capitalize()} buys {b} more. How many {item}s does {name} have now?"
-  return q, [f"{a}+{b}=<<{a}+{b}={c}>>{c} {item}s."], c
+  x, y = _either(r, a, b)
+  return q, [f"{x}+{y}=<<{x}+{y}={c}>>{c} {item}s."], c
 
 
 def _sub(r, name, pron, item, _):
@@ -45,7 +54,8 @@ def _mul(r, name, pron, item, box):
   a, b = r.randint(2, 9), r.randint(2, 9)
   c = a * b
   q = f"{name} buys {a} {boxes} of {item}s. Each {box} has {b} {item}s. How many {item}s does {pron} buy?"
-  return q, [f"{a}*{b}=<<{a}*{b}={c}>>{c} {item}s."], c
+  x, y = _either(r, a, b)
+  return q, [f"{x}*{y}=<<{x}*{y}={c}>>{c} {item}s."], c
 
 
 def _div(r, name, pron, item, _):
@@ -63,7 +73,8 @@ def _mul_sub(r, name, pron, item, box):
   c = n - d
   q = (f"{name} has {a} {boxes} with {b} {item}s in each. {pron.capitalize()} eats {d} {item}s. "
        f"How many {item}s are left?")
-  return q, [f"{a}*{b}=<<{a}*{b}={n}>>{n} {item}s.", f"{n}-{d}=<<{n}-{d}={c}>>{c} are left."], c
+  x, y = _either(r, a, b)
+  return q, [f"{x}*{y}=<<{x}*{y}={n}>>{n} {item}s.", f"{n}-{d}=<<{n}-{d}={c}>>{c} are left."], c
 
 
 def _price(r, name, pron, item, _):
@@ -72,7 +83,8 @@ def _price(r, name, pron, item, _):
   paid = cost + r.randint(1, 9)
   c = paid - cost
   q = f"{name} buys {a} {item}s at ${b} each and pays with ${paid}. How much change does {pron} get?"
-  return q, [f"Cost: {a}*{b}=$<<{a}*{b}={cost}>>{cost}.", f"Change: {paid}-{cost}=$<<{paid}-{cost}={c}>>{c}."], c
+  x, y = _either(r, a, b)
+  return q, [f"Cost: {x}*{y}=$<<{x}*{y}={cost}>>{cost}.", f"Change: {paid}-{cost}=$<<{paid}-{cost}={c}>>{c}."], c
 
 
 def _two_days(r, name, pron, item, _):
@@ -81,7 +93,8 @@ def _two_days(r, name, pron, item, _):
   c = n * p
   q = (f"One {item} costs ${p}. {name} buys {a} {item}s on Monday and {b} on Tuesday. "
        f"How much does {pron} spend?")
-  return q, [f"{a}+{b}=<<{a}+{b}={n}>>{n} {item}s.", f"Cost: {n}*{p}=$<<{n}*{p}={c}>>{c}."], c
+  (x, y), (u, v) = _either(r, a, b), _either(r, n, p)
+  return q, [f"{x}+{y}=<<{x}+{y}={n}>>{n} {item}s.", f"Cost: {u}*{v}=$<<{u}*{v}={c}>>{c}."], c
 
 
 def _three_steps(r, name, pron, item, box):
@@ -94,8 +107,9 @@ def _three_steps(r, name, pron, item, box):
   c = m + e
   q = (f"{name} has {a} {boxes} of {b} {item}s. {pron.capitalize()} gives {g} away and then finds {e} more. "
        f"How many {item}s does {name} have?")
-  return q, [f"{a}*{b}=<<{a}*{b}={n}>>{n} {item}s.", f"{n}-{g}=<<{n}-{g}={m}>>{m} are left.",
-             f"{m}+{e}=<<{m}+{e}={c}>>{c} in all."], c
+  (x, y), (u, v) = _either(r, a, b), _either(r, m, e)
+  return q, [f"{x}*{y}=<<{x}*{y}={n}>>{n} {item}s.", f"{n}-{g}=<<{n}-{g}={m}>>{m} are left.",
+             f"{u}+{v}=<<{u}+{v}={c}>>{c} in all."], c
 
 
 TEMPLATES: tuple[Callable, ...] = (_add, _sub, _mul, _div, _mul_sub, _price, _two_days, _three_steps)

@@ -24,7 +24,9 @@ import sys
 import time
 from typing import Optional
 
-from dmax_jax import arith, evaluate, gsm8k, runner
+import jax
+
+from dmax_jax import arith, decoding, evaluate, gsm8k, runner
 from dmax_jax.records import RecordWriter, read_records
 from dmax_jax.tokenizer import LLADA2_CHAT_TEMPLATE, MATH_SUFFIX, train_tokenizer
 
@@ -198,14 +200,33 @@ def thresholds(config, strategy: str) -> list[float]:
   return [float(t) for t in (config.eval.spd_thresholds if strategy == "spd" else config.eval.threshold_thresholds)]
 
 
+def warm_up(config, ckpt: str, test_path: str, strategy: str) -> None:
+  """Compiles the decoding program of the evaluation's first batch shape, so no sweep point's tokens/s pays for it.
+
+  The program depends on the model config, the strategy's kind and the batch
+  layout (not on the threshold or the params' values), so one call serves both
+  models and the whole sweep of a strategy.
+  """
+  e = config.eval
+  model_cfg, params, tok = runner.load_model(ckpt, e.dtype)
+  requests, _ = evaluate.read_gsm8k(test_path, tok)
+  first = sorted(requests, key=lambda r: len(r.ids))[: e.batch_size]  # the order runner.run decodes in
+  decoding.generate(params, model_cfg, [r.ids for r in first], gen_length=e.gen_length,
+                    block_length=config.block_length, rng=jax.random.key(config.seed),
+                    strategy=runner.make_strategy(strategy, None, e.confidence_stop))
+
+
 def evaluate_all(config, workdir: str, test_path: str, models: dict, progress: bool = True) -> list[dict]:
   """Runs ``tools/evaluate.py`` (its library entry point) per model and strategy; returns all rows."""
   e = config.eval
-  rows = []
+  rows, warm = [], set()
   for model, ckpt in models.items():
     for strategy in STRATEGIES:
       records, prefix = eval_paths(workdir, model, strategy)
       if not _done(prefix + ".json", f"eval {model} {strategy}"):
+        if strategy not in warm:
+          warm_up(config, ckpt, test_path, strategy)
+          warm.add(strategy)
         os.makedirs(os.path.dirname(records), exist_ok=True)
         argv = ["--checkpoint", ckpt, "--data", test_path, "--output", records, "--report", prefix,
                 "--strategies", strategy, "--thresholds", _fmt(thresholds(config, strategy)),
