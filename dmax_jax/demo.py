@@ -11,6 +11,14 @@ training and decoding also resume inside a stage after a kill):
   eval/{base,oput}/{spd,threshold}.*  (4) ``tools/evaluate.py`` per model and strategy over the threshold sweep
   report.json, report.md, tradeoff.png   the four combinations side by side; accuracy against TPF
 
+A stage is skipped on the existence of its output alone: after changing the
+config, use a fresh workdir (or delete the stages to redo).
+
+Self-distillation keeps every generation by default (``distill.keep="all"``),
+as DMax kept its own; ``"well_formed"`` keeps only those with a ``#### n``
+line. Neither filters on correctness: OPUT learns the base model's own
+trajectories, right or wrong.
+
 The demo config (``configs/demo_cpu.py``, ``configs/demo_gpu.py``) names the
 task, model and the stages' hyper-parameters; the training configs are
 ``configs/base.py`` with those values filled in.
