@@ -1,7 +1,10 @@
 """dmax_jax: DMax (On-Policy Uniform Training and Soft Parallel Decoding) for LLaDA2-MoE in JAX."""
 
 from dmax_jax.config import ConfigError, ModelConfig, llada2_mini, load_hf_config
-from dmax_jax.hf import CheckpointError, load_hf_checkpoint
+from dmax_jax.checkpoint import load_checkpoint, save_checkpoint
+from dmax_jax.decoding import SPD, Generation, Threshold, TraceStep, generate
+from dmax_jax.hf import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
+from dmax_jax.tokenizer import load_tokenizer
 from dmax_jax.model import (
     KVCache,
     block_causal_mask,
@@ -15,6 +18,15 @@ from dmax_jax.model import (
 from dmax_jax.params import abstract_params, count_params, init_params, param_bytes
 
 __all__ = [
+    "SPD",
+    "Generation",
+    "Threshold",
+    "TraceStep",
+    "generate",
+    "load_checkpoint",
+    "save_checkpoint",
+    "save_hf_checkpoint",
+    "load_tokenizer",
     "CheckpointError",
     "ConfigError",
     "KVCache",
