@@ -1,0 +1,44 @@
+"""Decoding with the weights split over 8 emulated CPU devices gives the single-device tokens.
+
+Experts are split over the ``expert`` axis and heads / widths over ``tensor`` by the same
+``dmax_jax.sharding`` rules training uses; XLA partitions the compiled decoding program.
+Runs in a subprocess because the device count is fixed when JAX starts.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from conftest import REPO, TINY
+
+SCRIPT = textwrap.dedent("""
+  import dataclasses, sys
+  import numpy as np, jax, jax.numpy as jnp
+  jax.config.update("jax_default_matmul_precision", "highest")
+  import dmax_jax
+  from dmax_jax import sharding
+  from dmax_jax.decoding import SPD, Threshold, generate
+  assert jax.device_count() == 8
+  cfg, params = dmax_jax.load_hf_checkpoint(sys.argv[1], moe_backend="grouped")
+  params = dict(params)
+  # sharper logits with a pull to each position's own token, as in test_decoding's model
+  params["lm_head"] = jnp.asarray(np.array(params["lm_head"]) * 6.0 + np.array(params["embed"]).T)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, 510, n).tolist() for n in (3, 13, 8, 5)]
+  for axes, strategy in [(dict(expert=4, tensor=2), Threshold(threshold=0.5)), (dict(expert=8), SPD(threshold=0.5))]:
+    mesh = sharding.make_mesh(axes)
+    sharded = jax.device_put(params, sharding.tree_shardings(mesh, params))
+    assert len(sharded["moe"]["w_gate"].sharding.device_set) == 8
+    want = generate(params, cfg, prompts, strategy=strategy, gen_length=16, block_length=8)
+    got = generate(sharded, cfg, prompts, strategy=strategy, gen_length=16, block_length=8)
+    assert [(o.tokens, o.nfe) for o in got] == [(o.tokens, o.nfe) for o in want], axes
+  print("OK")
+""")
+
+
+def test_expert_and_tensor_sharded_decoding_matches_one_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+  r = subprocess.run([sys.executable, "-c", SCRIPT, str(TINY)], env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
