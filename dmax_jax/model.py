@@ -11,8 +11,7 @@ RoPE, the router, the attention softmax and the logits are float32.
 
 from __future__ import annotations
 
-import functools
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
