@@ -107,6 +107,27 @@ def from_hf_layout(entry: Entry, tensor: np.ndarray) -> np.ndarray:
   return np.swapaxes(tensor, -1, -2) if entry.transpose else tensor
 
 
+def _read_header(fpath):
+  """(data start, {tensor name: info}) of a safetensors file, checked for size and dtypes."""
+  size = os.path.getsize(fpath)
+  try:
+    with open(fpath, "rb") as f:
+      header_len = int.from_bytes(f.read(8), "little")
+      if header_len <= 0 or 8 + header_len > size:
+        raise ValueError(f"header length {header_len} does not fit in {size} bytes")
+      header = json.loads(f.read(header_len))
+    header.pop("__metadata__", None)
+    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise CheckpointError(f"{fpath}: not a readable safetensors file ({e})") from None
+  if size < 8 + header_len + end:
+    raise CheckpointError(f"{fpath}: truncated ({size} bytes, header needs {8 + header_len + end})")
+  for name, info in header.items():
+    if info.get("dtype") not in SUPPORTED_DTYPES:
+      raise CheckpointError(f"{fpath}: tensor {name!r} has unsupported dtype {info.get('dtype')} (need one of {SUPPORTED_DTYPES})")
+  return 8 + header_len, header
+
+
 class SafetensorsReader:
   """Lazily reads tensors from one safetensors file or an index of shards.
 
@@ -115,8 +136,6 @@ class SafetensorsReader:
   """
 
   def __init__(self, path: str):
-    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-
     if not os.path.isdir(path):
       raise CheckpointError(f"{path}: no such checkpoint directory")
     files = sorted(os.listdir(path))
@@ -150,33 +169,13 @@ class SafetensorsReader:
       fpath = os.path.join(path, shard)
       if not os.path.exists(fpath):
         raise CheckpointError(f"{fpath}: shard named in {os.path.basename(index_path)} is missing")
-      try:
-        handle = safe_open(fpath, framework="np")
-        names = list(handle.keys())
-      except Exception as e:  # safetensors raises its own error types for damaged files
-        raise CheckpointError(f"{fpath}: not a readable safetensors file ({e})") from None
-      self._layout[shard] = self._check_size(fpath, handle)
-      for name in names:
+      self._layout[shard] = _read_header(fpath)
+      for name in self._layout[shard][1]:
         self._where[name] = shard
     if weight_map is not None:
       for name, shard in weight_map.items():
         if self._where.get(name) != shard:
           raise CheckpointError(f"{os.path.join(path, shard)}: tensor {name!r} named in the index is not in it")
-
-  @staticmethod
-  def _check_size(fpath, handle):
-    """Reads the header to make sure the file holds every byte its tensors claim."""
-    with open(fpath, "rb") as f:
-      header_len = int.from_bytes(f.read(8), "little")
-      header = json.loads(f.read(header_len))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if os.path.getsize(fpath) < 8 + header_len + end:
-      raise CheckpointError(f"{fpath}: truncated ({os.path.getsize(fpath)} bytes, header needs {8 + header_len + end})")
-    for name, info in header.items():
-      if name != "__metadata__" and info["dtype"] not in SUPPORTED_DTYPES:
-        raise CheckpointError(f"{fpath}: tensor {name!r} has unsupported dtype {info['dtype']} (need one of {SUPPORTED_DTYPES})")
-    del handle
-    return 8 + header_len, header
 
   def names(self) -> list[str]:
     return list(self._where)

@@ -97,3 +97,11 @@ def test_pickle_checkpoint_is_refused(tiny_dir, tmp_path):
     dmax_jax.load_hf_checkpoint(str(p))
   msg = _one_line(e)
   assert "pytorch_model.bin" in msg and "convert it to safetensors" in msg
+
+
+def test_garbage_file_is_not_readable(tiny_dir, tmp_path):
+  p = _copy(tiny_dir, tmp_path)
+  (p / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+  with pytest.raises(CheckpointError) as e:
+    dmax_jax.load_hf_checkpoint(str(p))
+  assert "model.safetensors: not a readable safetensors file" in _one_line(e)
