@@ -35,7 +35,8 @@ import numpy as np
 
 from dmax_jax.config import ConfigError, ModelConfig, load_hf_config
 from dmax_jax.hf import (
-    CheckpointError, SafetensorsReader, from_hf_layout, iter_checked, save_hf_checkpoint, weight_table,
+    CheckpointError, SafetensorsReader, from_hf_layout, iter_checked, load_hf_checkpoint, save_hf_checkpoint,
+    weight_table,
 )
 from dmax_jax.params import param_shapes
 
@@ -244,6 +245,25 @@ def _broadcast_sharding(sharding, shapes):
   if isinstance(sharding, jax.sharding.Sharding):
     return jax.tree.map(lambda _: sharding, shapes, is_leaf=_is_shape)
   return sharding
+
+
+def is_converted(path: str) -> bool:
+  """Whether ``path`` is a converted (Orbax params) checkpoint rather than a Hugging Face directory."""
+  return os.path.isdir(os.path.join(path, PARAMS_DIR))
+
+
+def load_any(path: str, dtype=None, sharding=None, **numerics) -> tuple[ModelConfig, Any]:
+  """(config, params) from a converted checkpoint or a Hugging Face safetensors directory.
+
+  A converted checkpoint restores straight onto ``sharding``; a Hugging Face
+  one is read tensor by tensor on the host, then placed on it.
+  """
+  if is_converted(path):
+    return load_checkpoint(path, dtype=dtype, sharding=sharding, **numerics)
+  cfg, params = load_hf_checkpoint(path, dtype=dtype or jnp.float32, **numerics)
+  if sharding is not None:
+    params = jax.device_put(params, _broadcast_sharding(sharding, param_shapes(cfg)))
+  return cfg, params
 
 
 def load_checkpoint(path: str, dtype=None, sharding=None, **numerics) -> tuple[ModelConfig, Any]:

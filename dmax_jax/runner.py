@@ -24,8 +24,6 @@ batch_seconds, batch_size, and the decoding settings.
 from __future__ import annotations
 
 import dataclasses
-import glob
-import inspect
 import json
 import os
 import sys
@@ -36,9 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmax_jax import decoding
+from dmax_jax import checkpoint, decoding
 from dmax_jax.config import ConfigError
-from dmax_jax.hf import CheckpointError, load_hf_checkpoint
+from dmax_jax.hf import CheckpointError
 from dmax_jax.records import RecordWriter
 from dmax_jax.tokenizer import MATH_SUFFIX, TokenizerError, load_tokenizer
 
@@ -184,10 +182,9 @@ def check_lengths(requests: Sequence[Request], max_positions: int, gen_length: i
 def load_model(path: str, dtype: str = "float32"):
   """(config, params, tokenizer) of a checkpoint directory.
 
-  A Hugging Face directory (``config.json`` + ``*.safetensors``) is read with
-  ``dmax_jax.hf``; anything else as a converted (Orbax) checkpoint with
-  ``dmax_jax.checkpoint.load_checkpoint``. Params are cast to ``dtype``, which
-  is also the compute dtype.
+  A converted (Orbax) checkpoint or a Hugging Face directory
+  (``dmax_jax.checkpoint.load_any``). Params are cast to ``dtype``, which is
+  also the compute dtype.
   """
   if dtype not in DTYPES:
     raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -195,25 +192,10 @@ def load_model(path: str, dtype: str = "float32"):
     raise UsageError(f"{path}: no such checkpoint directory")
   try:
     tokenizer = load_tokenizer(path)
-    if glob.glob(os.path.join(path, "*.safetensors")):
-      config, params = load_hf_checkpoint(path, dtype=DTYPES[dtype], compute_dtype=dtype)
-    else:
-      config, params = _load_converted(path, dtype)
+    config, params = checkpoint.load_any(path, dtype=DTYPES[dtype], compute_dtype=dtype)
   except (CheckpointError, ConfigError, TokenizerError) as e:
     raise UsageError(str(e)) from None
   return config, params, tokenizer
-
-
-def _load_converted(path: str, dtype: str):
-  try:
-    from dmax_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise UsageError(f"{path}: no *.safetensors, and this build cannot read converted checkpoints "
-                     "(dmax_jax.checkpoint is missing)") from None
-  kwargs = {"dtype": DTYPES[dtype]} if "dtype" in inspect.signature(checkpoint.load_checkpoint).parameters else {}
-  config, params = checkpoint.load_checkpoint(path, **kwargs)
-  params = jax.tree.map(lambda a: a.astype(DTYPES[dtype]), params)
-  return dataclasses.replace(config, compute_dtype=dtype), params
 
 
 def make_strategy(name: str, threshold: Optional[float] = None, confidence_stop: float = 0.9,

@@ -31,7 +31,8 @@ import optax
 from dmax_jax import data as data_lib
 from dmax_jax import losses, sharding
 from dmax_jax.config import ModelConfig, load_hf_config
-from dmax_jax.hf import CheckpointError, load_hf_checkpoint
+from dmax_jax.checkpoint import load_any
+from dmax_jax.hf import CheckpointError
 from dmax_jax.optim import make_optimizer
 from dmax_jax.params import init_params
 from dmax_jax.tokenizer import load_tokenizer
@@ -118,15 +119,10 @@ def initial_params(config, cfg: ModelConfig, shardings):
     return init(jax.random.PRNGKey(config.train.seed))
   path = config.init_from
   try:
-    if os.path.exists(os.path.join(path, "params", "_METADATA")):
-      from dmax_jax.checkpoint import load_checkpoint  # pylint: disable=import-outside-toplevel
-
-      _, params = load_checkpoint(path, dtype=jnp.float32, sharding=shardings)
-      return params
-    _, params = load_hf_checkpoint(path, dtype=jnp.float32)
+    _, params = load_any(path, dtype=jnp.float32, sharding=shardings)
   except (CheckpointError, ValueError) as e:
     raise TrainError(str(e)) from None
-  return jax.device_put(params, shardings)
+  return params
 
 
 def load_data(config, cfg: ModelConfig) -> data_lib.Dataset:

@@ -272,3 +272,15 @@ def test_conversion_memory_does_not_grow_with_layers(tmp_path):
   assert grown > 0.2
   for key in ("convert_rss", "export_rss"):
     assert large[key] - small[key] < 0.1 * grown, (key, small, large)
+
+
+def test_load_any_reads_both_formats(tiny_dir, converted, tiny):
+  from dmax_jax.checkpoint import is_converted, load_any
+
+  assert is_converted(converted) and not is_converted(tiny_dir)
+  cfg_a, a = load_any(converted)
+  cfg_b, b = load_any(tiny_dir, compute_dtype="bfloat16")
+  assert cfg_a == tiny[0] and cfg_b.compute_dtype == "bfloat16"
+  for x, y, z in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(tiny[1])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(z))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(z))
