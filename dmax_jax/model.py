@@ -134,8 +134,8 @@ def _run_stack(stack, x, positions, cfg: ModelConfig, kind: str, mask, cache, st
     # Slicing a layer's experts out of the [layers, E, ...] stack would copy ~1.6 GB per layer at
     # LLaDA-2.0-mini size; the kernel instead reads the flattened stack at the layer's offset.
     stack = dict(stack)
-    shared["experts_flat"] = tuple(
-        (lambda w: w.reshape((-1,) + w.shape[2:]))(stack.pop(k)) for k in ("w_gate", "w_up", "w_down"))
+    weights = [stack.pop(k) for k in ("w_gate", "w_up", "w_down")]
+    shared["experts_flat"] = tuple(w.reshape((-1,) + w.shape[2:]) for w in weights)
     stack["layer"] = jnp.arange(num, dtype=jnp.int32)
 
   def body(x, layer):
@@ -149,7 +149,8 @@ def _run_stack(stack, x, positions, cfg: ModelConfig, kind: str, mask, cache, st
   if cfg.remat:
     body = jax.checkpoint(body, prevent_cse=not cfg.scan_layers)
   if cfg.scan_layers:
-    return (lambda out: (out[0], out[1][0], out[1][1]))(jax.lax.scan(body, x, (stack, cache)))
+    x, (new_cache, router) = jax.lax.scan(body, x, (stack, cache))
+    return x, new_cache, router
   outs = []
   for i in range(num):
     layer = jax.tree.map(lambda a: a[i], (stack, cache))
