@@ -258,9 +258,10 @@ def _generate_jit(params, cfg: ModelConfig, rule: Rule, hp, layout: Layout, canv
         positions=_positions(shift, q_start, Lq, K), return_hidden=True)
     return model_lib.logits_from_hidden(params, cfg, hidden[:, -K:]), cache
 
+  # Per-step trace buffers of one block (steps x batch x positions), only when asked for.
   empty_trace = dict(
       tokens=jnp.zeros((K, B, K), jnp.int32), status=jnp.zeros((K, B, K), jnp.int8),
-      conf=jnp.zeros((K, B, K), jnp.float32), valid=jnp.zeros((K, B), bool))
+      conf=jnp.zeros((K, B, K), jnp.float32), valid=jnp.zeros((K, B), bool)) if trace else None
 
   def block_body(d, carry):
     canvas, cache, seq_done, nfe, rng, traces = carry
@@ -303,7 +304,7 @@ def _generate_jit(params, cfg: ModelConfig, rule: Rule, hp, layout: Layout, canv
       traces = jax.tree.map(lambda buf, t: buf.at[d].set(t), traces, tr)
     return canvas, cache, seq_done, st.nfe, st.rng, traces
 
-  traces = jax.tree.map(lambda a: jnp.zeros((D,) + a.shape, a.dtype), empty_trace) if trace else None
+  traces = jax.tree.map(lambda a: jnp.zeros((D,) + a.shape, a.dtype), empty_trace)
   init = (canvas, cache, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32), rng, traces)
 
   def outer_cond(c):
