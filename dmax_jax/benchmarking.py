@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
+import json
+import os
 import statistics
+import tempfile
 import time
 
 import jax
@@ -33,11 +39,61 @@ def time_fn(fn, args, *, warmup, iters, rounds):
   return statistics.median(time_calls(fn, args, warmup=warmup, iters=iters, rounds=rounds))
 
 
+def copy_bandwidths(nbytes, **timing):
+  """Bytes/s (read + write counted) of three ways to stream a ``nbytes`` array once, by name.
+
+  ``negate_bf16`` negates 2-byte elements, ``not_u32`` flips the bits of 4-byte
+  elements, ``copy`` is an explicit device-to-device copy. Elementwise kernels
+  reach different fractions of the peak depending on the element width, so the
+  bandwidth limit uses the best of them (``copy_bandwidth``).
+  """
+  a = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.bfloat16)
+  u = jax.lax.bitcast_convert_type(a.reshape(-1, 2), jnp.uint32)
+  fns = dict(
+      negate_bf16=(jax.jit(jnp.negative), a),
+      not_u32=(jax.jit(jnp.invert), u),
+      copy=(jax.jit(jnp.copy), a),
+  )
+  out = {}
+  for name, (fn, x) in fns.items():
+    y = fn(x)
+    if y.unsafe_buffer_pointer() == x.unsafe_buffer_pointer():
+      continue  # returned the input buffer: nothing was streamed
+    out[name] = 2 * x.nbytes / time_fn(fn, (x,), **timing)
+  return out
+
+
 def copy_bandwidth(nbytes, **timing):
-  """Bytes/s of an elementwise negate of a ``nbytes`` bf16 array (read + write counted)."""
-  a = jnp.ones((nbytes // 2,), jnp.bfloat16)
-  seconds = time_fn(jax.jit(jnp.negative), (a,), **timing)
-  return 2 * a.nbytes / seconds
+  """The best streaming bandwidth of ``copy_bandwidths`` (bytes/s, read + write counted)."""
+  return max(copy_bandwidths(nbytes, **timing).values())
+
+
+def device_kernel_times(fn, args, *, calls=3):
+  """Device time per call of each kernel ``fn`` launches, from a profiler trace.
+
+  Runs ``fn(*args)`` once untraced, then ``calls`` times under ``jax.profiler``
+  and sums the durations of the device's kernel events by name. Returns
+  ``{kernel name: (microseconds per call, launches per call)}``; an empty dict
+  where the backend records no device events (the CPU).
+  """
+  jax.block_until_ready(fn(*args))
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      for _ in range(calls):
+        jax.block_until_ready(fn(*args))
+    (path,) = glob.glob(os.path.join(tmp, "plugins", "profile", "*", "*.trace.json.gz"))
+    with gzip.open(path, "rb") as f:
+      events = json.load(f)["traceEvents"]
+  device_pids = {e["pid"] for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"
+                 and "/device:" in str(e.get("args", {}).get("name", ""))}
+  total = collections.defaultdict(float)
+  count = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in device_pids:
+      total[e["name"]] += e.get("dur", 0.0)
+      count[e["name"]] += 1
+  return {k: (total[k] / calls, count[k] / calls) for k in sorted(total, key=total.get, reverse=True)}
 
 
 def uniform_routing(key, T, E, X):

@@ -241,7 +241,8 @@ def _positions(shift_B, q_start, Lq, K):
   return jnp.maximum(q_start + jnp.arange(Lq)[None, :] - (shift_B * K)[:, None], 0).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "rule", "layout", "trace"))
+@functools.partial(jax.jit, static_argnames=("cfg", "rule", "layout", "trace"),
+                   compiler_options=model_lib.DECODE_COMPILER_OPTIONS)
 def _generate_jit(params, cfg: ModelConfig, rule: Rule, hp, layout: Layout, canvas, shift, n_dec, rng, trace: bool):
   K, F, D, B = layout.K, layout.F, layout.D, layout.B
   cache = model_lib.init_cache(cfg, B, layout.S)

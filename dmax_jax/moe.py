@@ -27,19 +27,31 @@ def route(router_w_DE, expert_bias_E, x_TD, cfg: ModelConfig):
   Returns (expert ids [T, X] int32, combine weights [T, X] float32). Ids are in
   the order of the biased selection score (highest first).
   """
-  x32 = x_TD.astype(jnp.float32)
-  w32 = router_w_DE.astype(jnp.float32)
-  logits_TE = jnp.einsum("td,de->te", x32, w32, precision=jax.lax.Precision.HIGHEST)
+  if x_TD.dtype == router_w_DE.dtype == jnp.bfloat16:
+    # bf16 x bf16 products are exact in fp32: a bf16 matmul accumulating in fp32 computes the
+    # same fp32 logits as upcasting first, without a (several times slower) fp32 GEMM.
+    logits_TE = jnp.einsum("td,de->te", x_TD, router_w_DE, preferred_element_type=jnp.float32)
+  else:
+    x32 = x_TD.astype(jnp.float32)
+    w32 = router_w_DE.astype(jnp.float32)
+    logits_TE = jnp.einsum("td,de->te", x32, w32, precision=jax.lax.Precision.HIGHEST)
   scores_TE = jax.nn.sigmoid(logits_TE)
   biased_TE = scores_TE + expert_bias_E.astype(jnp.float32)
 
   T, E = biased_TE.shape
   G = cfg.n_group
-  grouped = biased_TE.reshape(T, G, E // G)
-  # A group's score is the sum of its two best biased scores.
-  group_score_TG = jnp.sum(jax.lax.top_k(grouped, min(2, E // G))[0], axis=-1)
-  _, top_groups = jax.lax.top_k(group_score_TG, cfg.topk_group)
-  keep_TG = jnp.zeros((T, G), dtype=bool).at[jnp.arange(T)[:, None], top_groups].set(True)
+  grouped_TGN = biased_TE.reshape(T, G, E // G)
+  # A group's score is the sum of its two best biased scores (the best, plus the best of the rest).
+  best_TG = jnp.max(grouped_TGN, axis=-1)
+  group_score_TG = best_TG
+  if E // G > 1:
+    first_best = jnp.arange(E // G) == jnp.argmax(grouped_TGN, axis=-1)[..., None]
+    group_score_TG = best_TG + jnp.max(jnp.where(first_best, -jnp.inf, grouped_TGN), axis=-1)
+  # Keep the topk_group best groups, ties to the lower index (as lax.top_k), by counting the groups
+  # ranked ahead of each: elementwise work XLA fuses, instead of a sort-based top_k and a scatter.
+  ahead_TGG = (group_score_TG[:, None, :] > group_score_TG[:, :, None]) | (
+      (group_score_TG[:, None, :] == group_score_TG[:, :, None]) & (jnp.arange(G)[None, :] < jnp.arange(G)[:, None]))
+  keep_TG = jnp.sum(ahead_TGG, axis=-1) < cfg.topk_group
   keep_TE = jnp.repeat(keep_TG, E // G, axis=1)
   masked_TE = jnp.where(keep_TE, biased_TE, -jnp.inf)
   _, idx_TX = jax.lax.top_k(masked_TE, cfg.num_experts_per_tok)

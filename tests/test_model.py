@@ -37,6 +37,47 @@ def test_golden_router(tiny, golden):
     np.testing.assert_allclose(np.take_along_axis(w, order, 1), golden[f"router_topk_weight_layer{layer}"], atol=1e-5, rtol=0)
 
 
+def _route_numpy(router, bias, x, n_group, topk_group, top_k, scale):
+  """LLaDA2's group-limited routing restated with sorts (stable: ties go to the lower index)."""
+  scores = 1 / (1 + np.exp(-(x.astype(np.float64) @ router.astype(np.float64))))
+  biased = scores + bias
+  T, E = biased.shape
+  per = E // n_group
+  ids = np.zeros((T, top_k), np.int64)
+  for t in range(T):
+    groups = biased[t].reshape(n_group, per)
+    group_score = np.sort(groups, axis=1)[:, ::-1][:, :min(2, per)].sum(axis=1)
+    keep = np.argsort(-group_score, kind="stable")[:topk_group]
+    masked = np.full(E, -np.inf)
+    for g in keep:
+      masked[g * per:(g + 1) * per] = biased[t, g * per:(g + 1) * per]
+    ids[t] = np.argsort(-masked, kind="stable")[:top_k]
+  chosen = np.take_along_axis(scores, ids, 1)
+  return ids, chosen / chosen.sum(1, keepdims=True) * scale
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_route_equals_numpy_restatement(ties):
+  """Group scores, group choice and top-k against sorts in NumPy; with ``ties``, many equal scores."""
+  from dmax_jax import config as config_lib, moe
+  cfg = config_lib.llada2_mini()
+  rng = np.random.default_rng(3)
+  T, D, E = 64, 32, cfg.num_experts
+  x = rng.standard_normal((T, D)).astype(np.float32)
+  router = rng.standard_normal((D, E)).astype(np.float32) / np.sqrt(D)
+  bias = rng.standard_normal(E).astype(np.float32) * 0.01
+  if ties:  # a handful of distinct router columns and tokens: equal scores within and across groups
+    router = router[:, rng.integers(0, 4, E)]
+    x = np.round(x)
+    bias = np.zeros(E, np.float32)
+  ids, w = moe.route(jnp.asarray(router), jnp.asarray(bias), jnp.asarray(x), cfg)
+  want_ids, want_w = _route_numpy(router, bias, x, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
+                                  cfg.routed_scaling_factor)
+  np.testing.assert_array_equal(np.sort(ids, 1), np.sort(want_ids, 1))
+  np.testing.assert_allclose(np.take_along_axis(np.asarray(w), np.argsort(ids, 1), 1),
+                             np.take_along_axis(want_w, np.argsort(want_ids, 1), 1), rtol=1e-5)
+
+
 def test_embed_is_the_forward_input(tiny, golden):
   cfg, params = tiny
   ids = golden["input_ids"]

@@ -62,7 +62,8 @@ def test_pallas_small_tiles_under_jit():
   """Tiles smaller than the dimensions: the in-kernel contraction loop and the F/D tile grid axes."""
   x, idx, w = _case("random", 11, 3, 8, seed=3)
   wg, wu, wd = _weights(jax.random.key(4), 8, 64, 32)
-  f = jax.jit(lambda *a: moe_pallas.experts_pallas(*a, interpret=True, tile_f=16, tile_d=32, tile_k=16))
+  f = jax.jit(lambda *a: moe_pallas.experts_pallas(
+      *a, interpret=True, gate_up_tiles=moe_pallas.Tiles(n=16, k=16), down_tiles=moe_pallas.Tiles(n=32, k=16)))
   np.testing.assert_allclose(f(x, idx, w, wg, wu, wd), moe.experts_dense(x, idx, w, wg, wu, wd), rtol=1e-5, atol=1e-5)
 
 
@@ -77,19 +78,27 @@ def test_pallas_bf16_returns_bf16_close_to_dense():
   assert err < 1e-2
 
 
-def test_block_layout_by_hand():
+@pytest.mark.parametrize("method", ["compare", "sort"])
+def test_block_layout_by_hand(method):
   """T=3 tokens, X=2, E=4, blocks of 2 rows: expert sizes [3, 0, 1, 2]."""
   idx = jnp.array([[0, 3], [2, 0], [0, 3]], jnp.int32)  # pairs 0..5 -> experts 0,3,2,0,0,3
-  lay = moe_pallas.block_layout(idx, 4, 2)
-  # sorted pairs: expert 0 <- pairs 0, 3, 4; expert 2 <- pair 2; expert 3 <- pairs 1, 5
-  np.testing.assert_array_equal(lay["order"], [0, 3, 4, 2, 1, 5])
-  np.testing.assert_array_equal(lay["token"], [0, 1, 2, 1, 0, 2])
-  # expert 0 takes blocks 0-1 (rows 0-3), expert 2 block 2 (rows 4-5), expert 3 block 3 (rows 6-7)
-  np.testing.assert_array_equal(lay["pos"], [0, 1, 2, 4, 6, 7])
+  lay = moe_pallas.block_layout(idx, 4, 2, method=method)
+  # expert 0 takes blocks 0-1 (rows 0-3) for pairs 0, 3, 4; expert 2 block 2 (rows 4-5) for pair 2;
+  # expert 3 block 3 (rows 6-7) for pairs 1, 5
+  np.testing.assert_array_equal(lay["pos"], [[0, 6], [4, 1], [2, 7]])
   assert moe_pallas.num_row_blocks(6, 4, 2) == 5  # (6 + 4 * 1) // 2
   np.testing.assert_array_equal(lay["src"], [0, 1, 2, 3, 1, 3, 0, 2, 3, 3])  # 3 = T: padding
   np.testing.assert_array_equal(lay["expert"], [0, 0, 2, 3, 3])  # unused block 4: clipped
   np.testing.assert_array_equal(lay["used"], [4])
+
+
+def test_block_layout_rank_methods_agree():
+  """Ranking by comparison and by stable sort give the same layout (skewed routing, repeated experts)."""
+  idx = jax.random.randint(jax.random.key(7), (97, 6), 0, 11) ** 2 % 11
+  a = moe_pallas.block_layout(idx, 11, 16, method="compare")
+  b = moe_pallas.block_layout(idx, 11, 16, method="sort")
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 @pytest.mark.parametrize("R,E,bm", [(1, 4, 2), (6, 4, 2), (7, 3, 3), (8, 5, 4), (5, 6, 2)])

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -37,7 +38,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from dmax_jax import config as config_lib  # pylint: disable=wrong-import-position
 from dmax_jax import decoding, model, moe, params as params_lib  # pylint: disable=wrong-import-position
-from dmax_jax.benchmarking import copy_bandwidth, time_calls, uniform_routing  # pylint: disable=wrong-import-position
+from dmax_jax.benchmarking import copy_bandwidths, device_kernel_times, time_calls, uniform_routing  # pylint: disable=wrong-import-position
 
 _raw_route = moe.route
 
@@ -83,7 +84,7 @@ def bench_forwards(cfg, params, batch, S, Lq, start, *, loop, rounds):
   pos = jnp.broadcast_to(start + jnp.arange(Lq), (batch, Lq))
   emb = jax.random.normal(jax.random.key(1), (batch, Lq, cfg.hidden_size), jnp.bfloat16)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=model.DECODE_COMPILER_OPTIONS)
   def run(params, cache, emb):
     def body(_, carry):
       cache, acc = carry
@@ -101,13 +102,30 @@ def bench_forwards(cfg, params, batch, S, Lq, start, *, loop, rounds):
   return times, touched
 
 
+def profile_forward(cfg, params, batch, S, Lq, routing, top):
+  """Prints the kernels of one decoding forward by device time (from a profiler trace)."""
+  start = S - Lq
+  kv_mask = jnp.broadcast_to(jnp.arange(S)[None, :] // 32 <= (start + jnp.arange(Lq))[:, None] // 32, (batch, Lq, S))
+  pos = jnp.broadcast_to(start + jnp.arange(Lq), (batch, Lq))
+  emb = jax.random.normal(jax.random.key(1), (batch, Lq, cfg.hidden_size), jnp.bfloat16)
+  fn = jax.jit(lambda p, c, e: model.forward_cached(p, cfg, c, start=start, kv_mask=kv_mask, embeds=e, positions=pos),
+               compiler_options=model.DECODE_COMPILER_OPTIONS)
+  times = device_kernel_times(fn, (params, model.init_cache(cfg, batch, S, jnp.bfloat16), emb))
+  total = sum(t for t, _ in times.values())
+  launches = sum(n for _, n in times.values())
+  print(f"\nprofile, {routing} routing, batch {batch}: {total / 1e3:.3f} ms of kernels, {launches:.0f} launches per forward")
+  for name, (us, n) in list(times.items())[:top]:
+    print(f"  {us:9.1f} us  {n:5.0f}x  {100 * us / total:5.1f}%  {name[:110]}")
+
+
 def bench_prefill(cfg, params, S, rounds, L=None):
   """Seconds of one L-token (default S) forward from position 0 into an S-position cache."""
   L = L or S
   mask = jnp.broadcast_to(jnp.arange(S)[None, :] // 32 <= jnp.arange(L)[:, None] // 32, (1, L, S))
   tokens = jax.random.randint(jax.random.key(2), (1, L), 0, cfg.vocab_size)
   cache = model.init_cache(cfg, 1, S, jnp.bfloat16)
-  fn = jax.jit(lambda p, c, t: model.forward_cached(p, cfg, c, start=0, kv_mask=mask, tokens=t, return_hidden=True)[0])
+  fn = jax.jit(lambda p, c, t: model.forward_cached(p, cfg, c, start=0, kv_mask=mask, tokens=t, return_hidden=True)[0],
+               compiler_options=model.DECODE_COMPILER_OPTIONS)
   return time_calls(fn, (params, cache, tokens), warmup=1, iters=1, rounds=rounds)
 
 
@@ -142,6 +160,8 @@ def main(argv=None):
   ap.add_argument("--no-spd", action="store_true")
   ap.add_argument("--only-spd", action="store_true", help="skip the prefill and forward rows")
   ap.add_argument("--json", default=None)
+  ap.add_argument("--profile", type=int, default=0, metavar="N",
+                  help="print the N kernels taking the most device time in one forward, per routing and batch")
   args = ap.parse_args(argv)
 
   cfg = config_lib.llada2_mini(compute_dtype="bfloat16")
@@ -153,12 +173,21 @@ def main(argv=None):
   S, K = 512, 32
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
-  bw = copy_bandwidth(1 << 30 if not args.tiny else 1 << 24, warmup=2, iters=5, rounds=5)
-  print(f"copy bandwidth: {bw / 1e12:.3f} TB/s (read + write)", flush=True)
+  bws = copy_bandwidths(4 << 30 if not args.tiny else 1 << 24, warmup=2, iters=5, rounds=5)
+  bw = max(bws.values())
+  print(f"copy bandwidth: {bw / 1e12:.3f} TB/s (read + write, best of "
+        + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in bws.items()) + ")", flush=True)
   params = make_params(cfg, jax.random.key(0))
   n_params = params_lib.count_params(cfg)
   print(f"params: {n_params / 1e9:.3f} B ({2 * n_params / 1e9:.1f} GB bf16)", flush=True)
-  results = dict(device=dev.device_kind, jax=jax.__version__, copy_bw=bw, rows=[])
+  results = dict(device=dev.device_kind, jax=jax.__version__, copy_bw=bw, copy_bws=bws, rows=[])
+  if args.profile:
+    for routing in args.routing.split(","):
+      set_routing(routing)
+      for batch in map(int, args.batches.split(",")):
+        profile_forward(dataclasses.replace(cfg, moe_backend=args.backends.split(",")[0]), params, batch, S, K,
+                        routing, args.profile)
+    set_routing("raw")
   rows = results["rows"]
   for backend in args.backends.split(","):
     c = dataclasses.replace(cfg, moe_backend=backend)

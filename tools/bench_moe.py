@@ -2,7 +2,7 @@
 
   python tools/bench_moe.py                 # LLaDA-2.0-mini shapes, T in {32, 256}, on the GPU
   python tools/bench_moe.py --tiny          # tiny shapes, runs anywhere (smoke test; pallas interprets on CPU)
-  python tools/bench_moe.py --sweep         # also time a few Pallas tile settings (routed experts only)
+  python tools/bench_moe.py --sweep         # time each Pallas kernel alone over a grid of launch settings
 
 Two scopes per token count:
   routed   the routed experts alone (``experts_*``) on uniform-random top-X ids;
@@ -13,12 +13,18 @@ the end of a round (no host sync inside a round), after ``--warmup`` untimed cal
 is the weight bytes the layer must read (touched experts only, plus router and shared expert for
 moe_mlp) over a copy bandwidth measured in the same run (an elementwise negate of a large array,
 counting read + write bytes). "err" is the relative L2 distance to the dense backend's output.
+
+``--sweep`` times the two Pallas kernels (gate/up and down) separately over a grid of ``Tiles``
+settings on the same routed rows, against each kernel's own touched-weight bytes, and prints the
+fastest settings of each; set them as ``GATE_UP_TILES`` / ``DOWN_TILES`` in
+``dmax_jax/kernels/moe_pallas.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import sys
 from pathlib import Path
 
@@ -34,14 +40,10 @@ from dmax_jax.benchmarking import copy_bandwidth, time_fn, uniform_routing  # py
 from dmax_jax.kernels import moe_pallas  # pylint: disable=wrong-import-position
 
 BACKENDS = ("dense", "grouped", "pallas")
-SWEEP = (  # Pallas settings tried with --sweep: block_rows, tile_f, tile_d, tile_k, num_warps, num_stages
-    dict(block_rows=16, tile_f=64, tile_d=128, tile_k=128, num_warps=4, num_stages=3),
-    dict(block_rows=16, tile_f=128, tile_d=128, tile_k=128, num_warps=4, num_stages=3),
-    dict(block_rows=16, tile_f=64, tile_d=256, tile_k=64, num_warps=4, num_stages=4),
-    dict(block_rows=16, tile_f=32, tile_d=64, tile_k=256, num_warps=4, num_stages=3),
-    dict(block_rows=16, tile_f=128, tile_d=256, tile_k=64, num_warps=8, num_stages=4),
-    dict(block_rows=32, tile_f=64, tile_d=128, tile_k=128, num_warps=4, num_stages=3),
-)
+SWEEP_N = (64, 128, 256, 512)  # output tile widths tried by --sweep
+SWEEP_K = (64, 128, 256)  # contraction chunks
+SWEEP_WARPS = (4, 8)
+SWEEP_STAGES = (2, 3, 4, 5)
 
 
 def tiny_config(**numerics):
@@ -75,6 +77,51 @@ def expert_fn(backend, **pallas_kw):
   return lambda *a: moe_pallas.experts_pallas(*a, **pallas_kw)
 
 
+def sweep_kernels(x, idx, weights, touched, bw, timing, block_rows=16, top=5):
+  """Times each Pallas kernel alone over the ``Tiles`` grid; prints the ``top`` fastest of each."""
+  w_gate, w_up, w_down = weights
+  E, D, F = w_gate.shape
+  layout = jax.jit(lambda i: moe_pallas.block_layout(i, E, block_rows))(idx)
+  h = jax.jit(lambda x: moe_pallas.grouped_swiglu(x, layout["src"], layout["expert"], layout["used"], w_gate, w_up,
+                                                  block_rows=block_rows))(x)
+  kernels = {
+      "gate_up": (lambda t: jax.jit(lambda x: moe_pallas.grouped_swiglu(
+          x, layout["src"], layout["expert"], layout["used"], w_gate, w_up, block_rows=block_rows, tiles=t)), x,
+                  touched * 2 * D * F * w_gate.dtype.itemsize, F, D),
+      "down": (lambda t: jax.jit(lambda h: moe_pallas.grouped_down(
+          h, layout["expert"], layout["used"], w_down, block_rows=block_rows, tiles=t)), h,
+               touched * F * D * w_down.dtype.itemsize, D, F),
+  }
+  real = np.asarray(layout["src"]) < x.shape[0]  # rows past the used blocks are never written
+  best = {}
+  for name, (make, arg, nbytes, n_dim, k_dim) in kernels.items():
+    results = []
+    want = None
+    settings = {moe_pallas.Tiles(n=min(n, n_dim), k=min(k, k_dim), num_warps=warps, num_stages=stages)
+                for n, k, warps, stages in itertools.product(SWEEP_N, SWEEP_K, SWEEP_WARPS, SWEEP_STAGES)}
+    for tiles in sorted(settings, key=dataclasses.astuple):
+      f = make(tiles)
+      try:
+        out = f(arg)
+        if want is None:
+          want = make(moe_pallas.Tiles())(arg)
+        err = rel_err(np.asarray(out)[real], np.asarray(want)[real])
+        sec = time_fn(f, (arg,), **timing)
+      except Exception as e:  # pylint: disable=broad-except  # one failing setting must not end the sweep
+        print(f"  {name} {tiles}: failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
+        continue
+      results.append((sec, tiles, err))
+    results.sort(key=lambda r: r[0])
+    ideal = nbytes / bw
+    if not results:
+      raise RuntimeError(f"no {name} setting ran")
+    print(f"{name}: {len(results)} settings ran; ideal {ideal * 1e3:.3f} ms ({nbytes / 1e6:.0f} MB)")
+    for sec, tiles, err in results[:top] + results[-1:]:
+      print(f"  {sec * 1e3:8.3f} ms  {sec / ideal:5.2f}x ideal  err {err:.1e}  {tiles}")
+    best[name] = results[0][1]
+  return best
+
+
 def rel_err(got, want):
   got, want = np.float32(got), np.float32(want)
   return float(np.linalg.norm(got - want) / np.linalg.norm(want))
@@ -89,7 +136,7 @@ def main(argv=None):
   ap.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5; tiny: 1)")
   ap.add_argument("--iters", type=int, default=None, help="calls per timed round (default 20; tiny: 2)")
   ap.add_argument("--rounds", type=int, default=None, help="timed rounds; the median is reported (default 15; tiny: 3)")
-  ap.add_argument("--copy-mib", type=int, default=None, help="size of the bandwidth probe (default 2048; tiny: 16)")
+  ap.add_argument("--copy-mib", type=int, default=None, help="size of the bandwidth probe (default 4096; tiny: 16)")
   ap.add_argument("--sweep", action="store_true", help="also time the Pallas settings in SWEEP (routed only)")
   args = ap.parse_args(argv)
   tiny = args.tiny
@@ -102,8 +149,8 @@ def main(argv=None):
 
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, {args.dtype}")
   print(f"shapes: D={D} E={E} F={cfg.moe_intermediate_size} X={X} shared F={cfg.shared_intermediate_size}")
-  bw = copy_bandwidth((args.copy_mib or (16 if tiny else 2048)) << 20, **timing)
-  print(f"copy bandwidth (negate, read+write): {bw / 1e9:.0f} GB/s")
+  bw = copy_bandwidth((args.copy_mib or (16 if tiny else 4096)) << 20, **timing)
+  print(f"copy bandwidth (best of negate / not / copy, read+write): {bw / 1e9:.0f} GB/s")
   print(f"timing: median of {timing['rounds']} rounds x {timing['iters']} calls, {timing['warmup']} warmup calls")
 
   p = layer_params(jax.random.key(0), cfg, dtype)
@@ -111,8 +158,6 @@ def main(argv=None):
   dense_bytes = sum(p[n].size * p[n].dtype.itemsize for n in ("router", "shared_gate", "shared_up", "shared_down"))
 
   header = f"{'T':>5} {'scope':<8} {'backend':<28} {'touched':>7} {'ms':>9} {'ideal ms':>9} {'x ideal':>8} {'err':>9}"
-  if args.sweep:
-    print("sweep rows: pallas block_rows/tile_f/tile_d/tile_k/num_warps/num_stages")
   print(header)
   print("-" * len(header))
   for T in tokens:
@@ -126,7 +171,8 @@ def main(argv=None):
 
     runs = [(b, expert_fn(b)) for b in args.backends]
     if args.sweep:
-      runs += [("pallas " + "/".join(str(v) for v in kw.values()), expert_fn("pallas", **kw)) for kw in SWEEP]
+      best = sweep_kernels(x, idx, (p["w_gate"], p["w_up"], p["w_down"]), touched, bw, timing)
+      runs.append(("pallas best tiles", expert_fn("pallas", gate_up_tiles=best["gate_up"], down_tiles=best["down"])))
     for name, fn in runs:
       f = jax.jit(fn)
       try:

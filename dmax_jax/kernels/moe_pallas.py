@@ -22,8 +22,8 @@ Layout (all static shapes, jit-able):
 3. Kernel B (grid: row block x D tile): ``y = h @ Wd[e]``.
    The row-block axis is the fastest-varying grid axis, so row blocks of one
    expert run side by side and share the weight tile through L2.
-4. Padded rows are dropped, rows un-sorted and combined with the routing
-   weights in fp32 (``moe.combine_sorted``).
+4. Each (token, slot) pair's output row is gathered back and combined with
+   the routing weights in fp32; padding rows are never read.
 
 Weights are cast to x's dtype tile by tile inside the kernels, so fp32
 parameters cost a read of the touched experts only (the other backends cast
@@ -36,6 +36,7 @@ needs ``block_rows >= 16``. Forward only (no VJP): this is the decoding path.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -43,6 +44,22 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dmax_jax import moe
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """Launch settings of one grouped-matmul kernel.
+
+  ``n``: upper bound on the output tile width; ``k``: upper bound on the
+  contraction chunk (both rounded down to a power of two dividing the
+  dimension); ``num_warps`` / ``num_stages``: Triton's warps per program and
+  software-pipelining depth.
+  """
+
+  n: int = 128
+  k: int = 128
+  num_warps: int = 4
+  num_stages: int = 3
 
 
 def _tile(dim: int, preferred: int) -> int:
@@ -62,49 +79,81 @@ def num_row_blocks(rows: int, num_experts: int, block_rows: int) -> int:
   return (rows + min(num_experts, rows) * (block_rows - 1)) // block_rows
 
 
-def block_layout(idx_TX, num_experts: int, block_rows: int):
-  """Sorted, padded row layout of the (token, expert) pairs.
+def _rank_within_expert(flat_R, num_experts: int, method: str):
+  """For each pair, how many earlier pairs (lower index) chose the same expert.
+
+  ``compare`` counts over an [R, R] comparison (a couple of fused kernels, no
+  sort: the fast path at decoding sizes); ``sort`` goes through a stable
+  argsort (memory linear in R: prefill and training sizes).
+  """
+  R = flat_R.shape[0]
+  ar = jnp.arange(R, dtype=jnp.int32)
+  if method == "compare":
+    earlier_same = (flat_R[None, :] == flat_R[:, None]) & (ar[None, :] < ar[:, None])
+    return jnp.sum(earlier_same, axis=1, dtype=jnp.int32)
+  order = jnp.argsort(flat_R, stable=True)
+  size_E = jnp.bincount(flat_R, length=num_experts).astype(jnp.int32)
+  start_E = jnp.cumsum(size_E) - size_E
+  return jnp.zeros((R,), jnp.int32).at[order].set(ar - start_E[flat_R[order]])
+
+
+# Up to this many (token, expert) pairs the layout ranks pairs by comparison, not by sorting.
+COMPARE_RANK_MAX_PAIRS = 4096
+
+
+def block_layout(idx_TX, num_experts: int, block_rows: int, method: str | None = None):
+  """Padded, expert-sorted row layout of the (token, expert) pairs.
 
   Returns a dict of int32 arrays:
-    order [R], token [R]: as ``moe.sort_by_expert`` (pair index / token of each sorted row);
-    pos [R]: the padded row of each sorted row;
+    pos [T, X]: the padded row of each pair;
     src [P]: the token each padded row reads, T for a padding row;
     expert [B]: the expert of each row block (clipped to E-1 past the used blocks);
     used [1]: the number of used row blocks (they come first).
+  Within an expert's rows, pairs keep their original (token-major) order.
+  ``method`` picks how pairs are ranked (``_rank_within_expert``); default by size.
   """
   T, X = idx_TX.shape
   R = T * X
   E = num_experts
   bm = block_rows
   B = num_row_blocks(R, E, bm)
-  order, token, size_E = moe.sort_by_expert(idx_TX, E)
+  method = method or ("compare" if R <= COMPARE_RANK_MAX_PAIRS else "sort")
+  flat = idx_TX.reshape(-1).astype(jnp.int32)
+  within = _rank_within_expert(flat, E, method)
+  if method == "compare":  # a fused reduce instead of a buffer copy and a scatter-add
+    size_E = jnp.sum(flat[:, None] == jnp.arange(E, dtype=jnp.int32)[None, :], axis=0, dtype=jnp.int32)
+  else:
+    size_E = jnp.zeros((E,), jnp.int32).at[flat].add(1)
   blocks_E = (size_E + bm - 1) // bm
   block_end_E = jnp.cumsum(blocks_E)
   block_start_E = block_end_E - blocks_E
-  row_start_E = jnp.cumsum(size_E) - size_E
-  expert_R = idx_TX.reshape(-1)[order]
-  pos = block_start_E[expert_R] * bm + jnp.arange(R, dtype=jnp.int32) - row_start_E[expert_R]
-  src = jnp.full((B * bm,), T, jnp.int32).at[pos].set(token.astype(jnp.int32))
+  pos = block_start_E[flat] * bm + within
+  src = jnp.full((B * bm,), T, jnp.int32).at[pos].set(jnp.arange(R, dtype=jnp.int32) // X)
   # compare_all: the default searchsorted method lowers to a sequential loop on GPU.
   expert_B = jnp.searchsorted(block_end_E, jnp.arange(B), side="right", method="compare_all")
   return dict(
-      order=order.astype(jnp.int32),
-      token=token.astype(jnp.int32),
-      pos=pos.astype(jnp.int32),
+      pos=pos.reshape(T, X),
       src=src,
       expert=jnp.minimum(expert_B, E - 1).astype(jnp.int32),
       used=block_end_E[-1:].astype(jnp.int32),
   )
 
 
-def _row_block_kernel(expert_ref, used_ref, rows_ref, *refs, bk):
+def _row_block_kernel(expert_ref, used_ref, *refs, bk, num_weights, gather):
   """One row block x one output tile of ``rows @ W[e]`` for each weight ref.
 
   With one weight (w_down) the product is the output; with two (w_gate,
   w_up) the output is ``silu(rows @ Wg[e]) * (rows @ Wu[e])``, in fp32.
-  The contraction runs in ``bk`` chunks with fp32 accumulators.
+  The contraction runs in ``bk`` chunks with fp32 accumulators. With
+  ``gather`` the block's rows are read straight from the token rows
+  (``x[src[p]]``, padding rows clamped to the last token and discarded
+  later) instead of from a materialised padded copy.
   """
-  *w_refs, out_ref = refs
+  if gather:
+    src_ref, rows_ref, *refs = refs
+  else:
+    rows_ref, *refs = refs
+  w_refs, out_ref = refs[:num_weights], refs[num_weights]
   b = pl.program_id(0)
   j = pl.program_id(1)
   bm, tn = out_ref.shape
@@ -114,10 +163,12 @@ def _row_block_kernel(expert_ref, used_ref, rows_ref, *refs, bk):
   def _():
     e = expert_ref[b]
     n0 = pl.multiple_of(j * tn, tn)
+    if gather:
+      row_idx = jnp.minimum(src_ref[pl.ds(pl.multiple_of(b * bm, bm), bm)], rows_ref.shape[0] - 1)
 
     def body(k, accs):
       k0 = pl.multiple_of(k * bk, bk)
-      x = rows_ref[:, pl.ds(k0, bk)]
+      x = rows_ref[row_idx, pl.ds(k0, bk)] if gather else rows_ref[:, pl.ds(k0, bk)]
       return tuple(
           acc + jnp.dot(x, w_ref[e, pl.ds(k0, bk), pl.ds(n0, tn)].astype(x.dtype),
                         preferred_element_type=jnp.float32)
@@ -133,43 +184,67 @@ def _row_block_kernel(expert_ref, used_ref, rows_ref, *refs, bk):
     out_ref[...] = y.astype(out_ref.dtype)
 
 
-def _row_block_call(name, rows_PK, expert_B, used, weights, out_cols, *, block_rows, tile, tile_k,
-                    interpret, num_warps, num_stages):
-  """Runs ``_row_block_kernel`` on a (row block, output tile) grid; the row-block axis varies fastest."""
-  P, K = rows_PK.shape
+def _row_block_call(name, rows, expert_B, used, weights, out_cols, *, block_rows, tiles: Tiles, interpret,
+                    src_P=None):
+  """Runs ``_row_block_kernel`` on a (row block, output tile) grid; the row-block axis varies fastest.
+
+  ``rows`` is the padded ``[P, K]`` row array, or with ``src_P`` the ``[T, K]``
+  token rows that padded row p reads as ``rows[src_P[p]]``.
+  """
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  K = rows.shape[1]
+  P = rows.shape[0] if src_P is None else src_P.shape[0]
+  tile, tile_k = _tile(out_cols, tiles.n), _tile(K, tiles.k)
   whole = pl.BlockSpec()  # whole array: the kernel slices it
   params = None
   if not interpret:
     from jax.experimental.pallas import triton as pltriton  # pylint: disable=import-outside-toplevel
 
-    params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    params = pltriton.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+  if src_P is None:
+    row_specs, row_args = [pl.BlockSpec((block_rows, K), lambda b, j: (b, 0))], (rows,)
+  else:
+    row_specs, row_args = [whole, whole], (src_P, rows)
+  kernel = functools.partial(_row_block_kernel, bk=tile_k, num_weights=len(weights), gather=src_P is not None)
   return pl.pallas_call(
-      functools.partial(_row_block_kernel, bk=tile_k),
-      out_shape=jax.ShapeDtypeStruct((P, out_cols), rows_PK.dtype),
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((P, out_cols), rows.dtype),
       grid=(P // block_rows, out_cols // tile),
-      in_specs=[whole, whole, pl.BlockSpec((block_rows, K), lambda b, j: (b, 0))] + [whole] * len(weights),
+      in_specs=[whole, whole] + row_specs + [whole] * len(weights),
       out_specs=pl.BlockSpec((block_rows, tile), lambda b, j: (b, j)),
       interpret=interpret,
       compiler_params=params,
       name=name,
-  )(expert_B, used, rows_PK, *weights)
+  )(expert_B, used, *row_args, *weights)
 
 
-def grouped_swiglu(xs_PD, expert_B, used, w_gate_EDF, w_up_EDF, *, tile_f, **kw):
-  """Kernel A over padded rows: ``h [P, F] = silu(xs @ Wg[e]) * (xs @ Wu[e])`` per row block, in xs's dtype."""
+def grouped_swiglu(x_TD, src_P, expert_B, used, w_gate_EDF, w_up_EDF, *, block_rows, tiles=None, interpret=None):
+  """Kernel A: ``h [P, F] = silu(xs @ Wg[e]) * (xs @ Wu[e])`` per row block, in x's dtype.
+
+  ``xs[p] = x_TD[src_P[p]]`` (the padded, expert-sorted rows) is gathered
+  inside the kernel.
+  """
   F = w_gate_EDF.shape[2]
-  return _row_block_call("moe_gate_up", xs_PD, expert_B, used, (w_gate_EDF, w_up_EDF), F,
-                         tile=tile_f, **kw)
+  return _row_block_call("moe_gate_up", x_TD, expert_B, used, (w_gate_EDF, w_up_EDF), F, block_rows=block_rows,
+                         tiles=tiles or GATE_UP_TILES, interpret=interpret, src_P=src_P)
 
 
-def grouped_down(h_PF, expert_B, used, w_down_EFD, *, tile_d, **kw):
+def grouped_down(h_PF, expert_B, used, w_down_EFD, *, block_rows, tiles=None, interpret=None):
   """Kernel B over padded rows: ``y [P, D] = h @ Wd[e]`` per row block."""
   D = w_down_EFD.shape[2]
-  return _row_block_call("moe_down", h_PF, expert_B, used, (w_down_EFD,), D, tile=tile_d, **kw)
+  return _row_block_call("moe_down", h_PF, expert_B, used, (w_down_EFD,), D, block_rows=block_rows,
+                         tiles=tiles or DOWN_TILES, interpret=interpret)
+
+
+# The fastest settings of ``tools/bench_moe.py --sweep`` on one H100 (see BENCHMARKS.md).
+GATE_UP_TILES = Tiles(n=128, k=128, num_warps=4, num_stages=3)
+DOWN_TILES = Tiles(n=128, k=128, num_warps=4, num_stages=3)
 
 
 def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, block_rows=16, interpret=None,
-                   tile_f=128, tile_d=128, tile_k=128, num_warps=4, num_stages=3, num_experts=None, expert_offset=0):
+                   gate_up_tiles: Tiles | None = None, down_tiles: Tiles | None = None, num_experts=None,
+                   expert_offset=0):
   """Routed-expert output [T, D], same contract as ``moe.experts_dense``.
 
   Expert weights are cast to x's dtype, matmuls accumulate in fp32, SwiGLU
@@ -179,28 +254,23 @@ def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, bloc
   then ``num_experts`` is E and ``expert_offset`` (traced is fine) is the
   layer's first row, so a scan over layers reads its slice in place instead
   of copying it out of the stacked parameter first.
-  ``tile_f`` / ``tile_d`` / ``tile_k`` are upper bounds on the F tile of
-  kernel A, the D tile of kernel B and the contraction chunk of both;
-  ``num_warps`` / ``num_stages`` are Triton's launch settings. The defaults
-  were the fastest of ``tools/bench_moe.py --sweep`` on one H100 (jax 0.11.2,
-  LLaDA-2.0-mini shapes, bf16): 0.43 ms at T=32, 0.70 ms at T=256, 1.25x and
-  1.27x the touched-weight bytes over the measured copy bandwidth.
+  ``gate_up_tiles`` / ``down_tiles`` are the two kernels' launch settings
+  (default ``GATE_UP_TILES`` / ``DOWN_TILES``, chosen by
+  ``tools/bench_moe.py --sweep``).
   """
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
   dtype = x_TD.dtype
-  T, D = x_TD.shape
-  _, _, F = w_gate_EDF.shape
+  T = x_TD.shape[0]
   E = num_experts or w_gate_EDF.shape[0]
   if not interpret and (block_rows < 16 or block_rows & (block_rows - 1)):
     raise ValueError(f"block_rows must be a power of two >= 16 on the GPU, got {block_rows}")
-  layout = block_layout(idx_TX, E, block_rows)
+  # The barrier keeps the layout materialised: otherwise XLA fuses its computation into the combine's
+  # gather and recomputes it for every output element (measured: +15 us per layer at batch 1).
+  layout = jax.lax.optimization_barrier(block_layout(idx_TX, E, block_rows))
   layout["expert"] = layout["expert"] + expert_offset
-  xs_PD = jnp.take(x_TD, layout["src"], axis=0, mode="fill", fill_value=0)
-  kw = dict(block_rows=block_rows, interpret=interpret, num_warps=num_warps, num_stages=num_stages)
-  h_PF = grouped_swiglu(xs_PD, layout["expert"], layout["used"], w_gate_EDF, w_up_EDF, tile_f=_tile(F, tile_f),
-                        tile_k=_tile(D, tile_k), **kw)
-  y_PD = grouped_down(h_PF, layout["expert"], layout["used"], w_down_EFD, tile_d=_tile(D, tile_d),
-                      tile_k=_tile(F, tile_k), **kw)
-  ys_RD = y_PD[layout["pos"]]
-  return moe.combine_sorted(ys_RD, layout["order"], w_TX, T).astype(dtype)
+  kw = dict(block_rows=block_rows, interpret=interpret)
+  h_PF = grouped_swiglu(x_TD, layout["src"], layout["expert"], layout["used"], w_gate_EDF, w_up_EDF, tiles=gate_up_tiles, **kw)
+  y_PD = grouped_down(h_PF, layout["expert"], layout["used"], w_down_EFD, tiles=down_tiles, **kw)
+  y_TXD = y_PD[layout["pos"]].astype(jnp.float32)  # each (token, slot) pair's row: one gather
+  return jnp.einsum("txd,tx->td", y_TXD, w_TX.astype(jnp.float32)).astype(dtype)
