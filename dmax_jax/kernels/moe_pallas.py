@@ -19,6 +19,7 @@ Layout (all static shapes, jit-able):
    used ones are skipped inside the kernels (``pl.when``).
 2. Kernel A (grid: row block x F tile): ``h = silu(x @ Wg[e]) * (x @ Wu[e])``
    with fp32 accumulation and SwiGLU in fp32, cast to the compute dtype.
+   It gathers each block's rows from the token rows itself (no padded copy).
 3. Kernel B (grid: row block x D tile): ``y = h @ Wd[e]``.
    The row-block axis is the fastest-varying grid axis, so row blocks of one
    expert run side by side and share the weight tile through L2.
@@ -43,7 +44,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from dmax_jax import moe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +237,8 @@ def grouped_down(h_PF, expert_B, used, w_down_EFD, *, block_rows, tiles=None, in
                          tiles=tiles or DOWN_TILES, interpret=interpret)
 
 
-# The fastest settings of ``tools/bench_moe.py --sweep`` on one H100 (see BENCHMARKS.md).
+# Settings of the fastest combined run of an earlier sweep on one H100 (jax 0.11.2, LLaDA-2.0-mini
+# shapes); with them each kernel runs at ~1.07x of its touched-weight bytes in the decoding forward.
 GATE_UP_TILES = Tiles(n=128, k=128, num_warps=4, num_stages=3)
 DOWN_TILES = Tiles(n=128, k=128, num_warps=4, num_stages=3)
 
