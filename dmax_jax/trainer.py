@@ -201,9 +201,9 @@ def fresh_state(config, cfg, tx, mesh):
   return {
       "params": params,
       "opt_state": opt_state,
-      "step": jax.device_put(jnp.zeros((), jnp.int32), rep),
-      "data_position": jax.device_put(jnp.zeros((2,), jnp.int32), rep),
-      "rng": jax.device_put(jax.random.PRNGKey(config.train.seed), rep),
+      "step": _put(np.zeros((), np.int32), rep),
+      "data_position": _put(np.zeros((2,), np.int32), rep),
+      "rng": _put(np.asarray(jax.random.PRNGKey(config.train.seed)), rep),
   }
 
 
@@ -216,8 +216,8 @@ def _to_saved(state, pos):
 def _from_saved(saved, mesh):
   rep = sharding.replicated(mesh)
   return {"params": saved["params"], "opt_state": saved["opt_state"], "rng": saved["rng"],
-          "step": jax.device_put(jnp.asarray(saved["step"], jnp.int32), rep),
-          "data_position": jax.device_put(jnp.asarray(saved["data"], jnp.int32), rep)}
+          "step": _put(np.asarray(saved["step"], np.int32), rep),
+          "data_position": _put(np.asarray(saved["data"], np.int32), rep)}
 
 
 def abstract_state(config, cfg, tx, mesh):
@@ -243,8 +243,19 @@ def jit_step(cfg, obj, tx, sched, mesh, state_like):
   return jax.jit(step, in_shardings=(st_shard, None), out_shardings=(st_shard, None), donate_argnums=(0,)), bshard
 
 
+def _put(x: np.ndarray, shard) -> jax.Array:
+  """A host value that every process holds alike -> a global array (each process fills its own devices)."""
+  return jax.make_array_from_callback(x.shape, shard, lambda idx: x[idx])
+
+
 def put_batch(batch: dict, bshard) -> dict:
-  return {k: jax.device_put(v, bshard(v)) for k, v in batch.items()}
+  """Host arrays of the whole global batch -> global device arrays.
+
+  Every process holds the same global batch (the data order is a pure
+  function of the seed and position) and places only the slices its own
+  devices hold, so one code path serves one GPU, one host and many hosts.
+  """
+  return {k: _put(v, bshard(v)) for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------- the loop
@@ -271,15 +282,16 @@ def train(config, workdir: str, progress: bool = True) -> dict[str, Any]:
   tokens_per_step = p.global_batch * config.data.max_seq_len
   save_every = config.train.save_every
   kill_at = config.train.debug_kill_at_step
-  with open(os.path.join(workdir, METRICS_FILE), "a") as mlog, \
-      tqdm(total=p.total_steps, initial=start, desc="train", unit="step", disable=not progress) as bar:
+  lead = jax.process_index() == 0  # on several hosts, one writes the metrics and shows progress
+  with open(os.path.join(workdir, METRICS_FILE) if lead else os.devnull, "a") as mlog, \
+      tqdm(total=p.total_steps, initial=start, desc="train", unit="step", disable=not (progress and lead)) as bar:
     for step in range(start + 1, p.total_steps + 1):
       host_batch, pos = next(stream)
       t0 = time.perf_counter()
       state, m = step_fn(state, put_batch(shape_batch(host_batch, p), bshard))
       m = {k: float(v) for k, v in m.items()}
       dt = time.perf_counter() - t0
-      state["data_position"] = jax.device_put(jnp.asarray(pos.to_array(), jnp.int32), sharding.replicated(mesh))
+      state["data_position"] = _put(np.asarray(pos.to_array(), np.int32), sharding.replicated(mesh))
       row = {"step": step, "epoch": pos.epoch, "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
              "tokens_per_s": tokens_per_step / dt, "step_time": dt}
       mlog.write(json.dumps(row) + "\n")

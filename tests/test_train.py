@@ -231,12 +231,23 @@ def _metrics(workdir):
   return rows, {r["step"]: r for r in rows}  # the last entry of each step wins
 
 
-def _final_params(workdir):
+def _final_params(workdir, on_one_device=False):
+  """The step-6 parameters; ``on_one_device`` restores a run saved from several devices onto this one."""
   from dmax_jax.train_checkpoint import TrainCheckpointer
 
+  abstract = None
+  if on_one_device:
+    from configs import tiny  # pylint: disable=import-outside-toplevel
+    from dmax_jax import sharding, trainer  # pylint: disable=import-outside-toplevel
+    from dmax_jax.optim import make_optimizer  # pylint: disable=import-outside-toplevel
+
+    config = tiny.get_config()
+    config.init_from = str(TINY)
+    mesh = sharding.make_mesh({"data": 1})
+    abstract = trainer.abstract_state(config, trainer.model_config(config), make_optimizer(config.optim, 6)[0], mesh)
   ck = TrainCheckpointer(os.path.join(str(workdir), "checkpoints"), async_save=False)
   assert ck.latest_step() == 6
-  state = ck.restore()
+  state = ck.restore(abstract_state=abstract)
   ck.close()
   return state["params"]
 
@@ -304,3 +315,44 @@ def test_cli_one_line_errors(workspace, tmp_path):
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert no_data.returncode == 2
   assert no_data.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing.jsonl'}: no such file"
+
+
+def _free_port():
+  import socket  # pylint: disable=import-outside-toplevel
+
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(workspace, tmp_path):
+  """Two JAX processes of 4 CPU devices each (the multi-host path: jax.distributed, per-process batch
+  slices, collective checkpoints) give the losses and parameters of one process with 8 devices."""
+  common = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.expert=2",
+            "--config.train.global_batch_size=16", "--config.train.async_save=False"]
+  one_env = _env()
+  one_env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  one = tmp_path / "one"
+  subprocess.run(_train_cmd(workspace, one, *common), cwd=REPO, env=one_env, check=True, capture_output=True,
+                 timeout=900)
+  two = tmp_path / "two"
+  env = _env()
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  port = _free_port()
+  procs = [subprocess.Popen(_train_cmd(workspace, two, *common, "--distributed", f"--coordinator=localhost:{port}",
+                                       "--num_processes=2", f"--process_id={i}"),
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  for i, p in enumerate(procs):
+    out, _ = p.communicate(timeout=900)
+    assert p.returncode == 0, f"process {i}:\n{out[-3000:]}"
+  _, want = _metrics(one)
+  rows, got = _metrics(two)
+  assert len(rows) == 6 and sorted(got) == list(range(1, 7))  # process 0 alone wrote the metrics
+  for s in want:
+    assert got[s]["loss"] == pytest.approx(want[s]["loss"], rel=1e-5)
+  import jax  # pylint: disable=import-outside-toplevel
+
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7),
+               _final_params(two, on_one_device=True), _final_params(one, on_one_device=True))

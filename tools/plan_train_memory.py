@@ -1,0 +1,97 @@
+"""Per-device memory of one training step, read off the compiled, sharded program.
+
+  python tools/plan_train_memory.py --config=configs/oput_mini.py --devices=8
+  python tools/plan_train_memory.py --config=configs/oput_mini.py --devices=8 --config.mesh.fsdp=4 --config.mesh.expert=2
+
+Lowers and compiles the exact step ``train.py`` runs (same config, mesh rules, optimizer, remat and
+micro-batching) on abstract shapes: no weights, no data set and no accelerator are needed. On a host
+without accelerators ``--devices`` emulated CPU devices stand in for the GPUs, so a single machine
+can check that a mesh fits before a multi-GPU run. Reports, per device: the training state it holds
+(fp32 parameters + AdamW moments, sharded), the temporaries the step needs (activations, gradients,
+optimizer scratch) as XLA's buffer assignment plans them, and the total. XLA's CPU and GPU backends
+fuse and schedule differently, so temporaries on a GPU differ somewhat from an emulated plan; the
+state size is exact.
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
+flags.DEFINE_integer("devices", 0, "emulated CPU devices when no accelerator is present (0: the real devices)")
+flags.DEFINE_integer("steps", 1000, "planned run length (only shapes the learning-rate schedule)")
+flags.mark_flags_as_required(["config"])
+
+
+
+def _size(n) -> str:
+  return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 28 else f"{n / (1 << 20):.1f} MiB"
+
+
+def main(argv):
+  del argv
+  if flags.FLAGS.devices:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={flags.FLAGS.devices}")
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from dmax_jax import config as config_lib, params as params_lib, sharding, trainer  # pylint: disable=import-outside-toplevel
+  from dmax_jax.optim import make_optimizer  # pylint: disable=import-outside-toplevel
+
+  config = flags.FLAGS.config
+  try:
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+  except sharding.MeshError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if config.init_from in ("", None):  # no checkpoint at hand: the LLaDA-2.0-mini architecture itself
+    cfg = config_lib.llada2_mini(**trainer._numerics(config))  # pylint: disable=protected-access
+  else:
+    try:
+      cfg = trainer.model_config(config)
+    except trainer.TrainError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+  tx, sched = make_optimizer(config.optim, flags.FLAGS.steps)
+  obj = trainer.objective_from(config)
+  t = config.train
+  micro_rows = t.micro_batch_size * sharding.batch_size_multiple(mesh)
+  if t.global_batch_size % micro_rows:
+    print(f"error: global_batch_size {t.global_batch_size} is not a multiple of micro_batch_size x batch shards "
+          f"= {micro_rows}", file=sys.stderr)
+    sys.exit(2)
+  accum, L = t.global_batch_size // micro_rows, config.data.max_seq_len
+
+  state = trainer.abstract_state(config, cfg, tx, mesh)
+  step_fn, bshard = trainer.jit_step(cfg, obj, tx, sched, mesh, state)
+  shapes = {"ids": ((accum, micro_rows, L), np.int32), "labels": ((accum, micro_rows, L), np.int32),
+            "prompt_len": ((accum, micro_rows), np.int32), "on_policy": ((accum, micro_rows), np.bool_),
+            "row": ((accum, micro_rows), np.int32)}
+  batch = {k: jax.ShapeDtypeStruct(s, d, sharding=bshard(np.empty((0,) * len(s)))) for k, (s, d) in shapes.items()}
+
+  n_params = params_lib.count_params(cfg)
+  print(f"devices: {len(jax.devices())} x {jax.devices()[0].device_kind}; mesh {dict(mesh.shape)}")
+  print(f"model: {n_params / 1e9:.2f} B parameters, {cfg.num_hidden_layers} layers, {cfg.num_experts} experts; "
+        f"compute {cfg.compute_dtype}, remat {cfg.remat}")
+  print(f"batch: {t.global_batch_size} sequences x {L} tokens = {accum} micro-steps of {micro_rows} rows")
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  mem = compiled.memory_analysis()
+  held = sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
+  print(f"compiled in {time.perf_counter() - t0:.0f} s")
+  print(f"per device: state {_size(held)} (parameters + optimizer moments), "
+        f"step arguments {_size(mem.argument_size_in_bytes)}, temporaries {_size(mem.temp_size_in_bytes)}, "
+        f"outputs not aliased to inputs {_size(mem.output_size_in_bytes - mem.alias_size_in_bytes)}")
+  peak = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+  print(f"per device peak (arguments + temporaries + new outputs): {_size(peak)}")
+
+
+if __name__ == "__main__":
+  app.run(main)
