@@ -153,7 +153,10 @@ def _run_stack(stack, x, positions, cfg: ModelConfig, kind: str, mask, cache, st
     # LLaDA-2.0-mini size; the kernel instead reads the flattened stack at the layer's offset.
     stack = dict(stack)
     weights = [stack.pop(k) for k in ("w_gate", "w_up", "w_down")]
-    shared["experts_flat"] = tuple(w.reshape((-1,) + w.shape[2:]) for w in weights)
+    if moe.expert_parallel_size() > 1:  # each device flattens its own slice (moe_pallas)
+      shared["experts_stacked"] = tuple(weights)
+    else:
+      shared["experts_flat"] = tuple(w.reshape((-1,) + w.shape[2:]) for w in weights)
     stack["layer"] = jnp.arange(num, dtype=jnp.int32)
 
   norm_names = [k for k in _NORMS if k in stack]

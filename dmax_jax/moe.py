@@ -113,6 +113,17 @@ def combine_sorted(ys_RD, order, w_TX, T):
   return jnp.einsum("txd,tx->td", y_TXD, w_TX)
 
 
+def expert_parallel_size(axis: str = "expert") -> int:
+  """Devices along ``axis`` of the mesh set with ``jax.set_mesh`` (1 without one).
+
+  The ``pallas`` backend splits the experts over this axis when it is > 1
+  (``moe_pallas.experts_pallas_expert_parallel``); the other backends leave
+  partitioning to XLA.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else dict(mesh.shape).get(axis, 1)
+
+
 def moe_mlp(p, x_TD, cfg: ModelConfig):
   """Routed experts plus the shared expert for one MoE layer.
 
@@ -127,10 +138,15 @@ def moe_mlp(p, x_TD, cfg: ModelConfig):
   elif cfg.moe_backend == "pallas":
     from dmax_jax.kernels import moe_pallas  # pylint: disable=import-outside-toplevel
 
-    if "experts_flat" in p:  # every layer's experts, read in place (see model._run_stack)
+    if "experts_stacked" in p:  # every layer's experts, split over the mesh's expert axis
+      routed = moe_pallas.experts_pallas_expert_parallel(x_TD, idx_TX, w_TX, *p["experts_stacked"], p["layer"])
+    elif "experts_flat" in p:  # every layer's experts, read in place (see model._run_stack)
       wg, wu, wd = p["experts_flat"]
       routed = moe_pallas.experts_pallas(x_TD, idx_TX, w_TX, wg, wu, wd, num_experts=cfg.num_experts,
                                          expert_offset=p["layer"] * cfg.num_experts)
+    elif expert_parallel_size() > 1:
+      routed = moe_pallas.experts_pallas_expert_parallel(
+          x_TD, idx_TX, w_TX, p["w_gate"][None], p["w_up"][None], p["w_down"][None], 0)
     else:
       routed = moe_pallas.experts_pallas(x_TD, idx_TX, w_TX, p["w_gate"], p["w_up"], p["w_down"])
   else:

@@ -132,3 +132,16 @@ def test_pallas_bf16_mini_shapes_gpu(T):
   got, want = np.float32(got), np.float32(want)
   assert np.isfinite(got).all()
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+
+
+def test_pallas_skips_invalid_pairs():
+  """Pairs marked invalid (experts on another device) contribute nothing and take no rows."""
+  x, idx, w = _case("random", 13, 3, 8, seed=5)
+  wg, wu, wd = _weights(jax.random.key(6), 8, 64, 32)
+  valid = idx < 5  # experts 5..7 live elsewhere
+  got = moe_pallas.experts_pallas(x, idx, w, wg, wu, wd, interpret=True, valid_TX=valid)
+  want = moe.experts_dense(x, idx, jnp.where(valid, w, 0.0), wg, wu, wd)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  lay = moe_pallas.block_layout(idx, 8, 16, valid_TX=valid)
+  assert int(lay["used"][0]) == sum(-(-int(jnp.sum(idx == e)) // 16) for e in range(5))
+  assert int(jnp.sum(lay["src"] < 13)) == int(jnp.sum(valid))  # one padded row per valid pair

@@ -1,7 +1,8 @@
 """Decoding with the weights split over 8 emulated CPU devices gives the single-device tokens.
 
 Experts are split over the ``expert`` axis and heads / widths over ``tensor`` by the same
-``dmax_jax.sharding`` rules training uses; XLA partitions the compiled decoding program.
+``dmax_jax.sharding`` rules training uses; XLA partitions the compiled decoding program, except the
+Pallas MoE kernels, which run expert-parallel under ``shard_map`` when a mesh is set.
 Runs in a subprocess because the device count is fixed when JAX starts.
 """
 
@@ -32,6 +33,18 @@ SCRIPT = textwrap.dedent("""
     assert len(sharded["moe"]["w_gate"].sharding.device_set) == 8
     want = generate(params, cfg, prompts, strategy=strategy, gen_length=16, block_length=8)
     got = generate(sharded, cfg, prompts, strategy=strategy, gen_length=16, block_length=8)
+    assert [(o.tokens, o.nfe) for o in got] == [(o.tokens, o.nfe) for o in want], axes
+  # The Pallas backend splits the experts itself (shard_map over the mesh's expert axis, a psum of the
+  # partial outputs) when a mesh is set; single-device dense decoding is the reference.
+  pcfg, dcfg = (dataclasses.replace(cfg, moe_backend=b) for b in ("pallas", "dense"))
+  want = generate(params, dcfg, prompts, strategy=SPD(threshold=0.5), gen_length=16, block_length=8)
+  for axes in (dict(expert=8), dict(expert=2, tensor=2, data=2)):
+    mesh = sharding.make_mesh(axes)
+    sharded = jax.device_put(params, sharding.tree_shardings(mesh, params))
+    with jax.set_mesh(mesh):
+      jaxpr = str(jax.make_jaxpr(lambda p: dmax_jax.forward(p, pcfg, tokens=jnp.ones((1, 4), jnp.int32)))(sharded))
+      assert "shard_map" in jaxpr and "psum" in jaxpr, axes
+      got = generate(sharded, pcfg, prompts, strategy=SPD(threshold=0.5), gen_length=16, block_length=8)
     assert [(o.tokens, o.nfe) for o in got] == [(o.tokens, o.nfe) for o in want], axes
   print("OK")
 """)

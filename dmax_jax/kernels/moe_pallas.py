@@ -101,7 +101,7 @@ def _rank_within_expert(flat_R, num_experts: int, method: str):
 COMPARE_RANK_MAX_PAIRS = 4096
 
 
-def block_layout(idx_TX, num_experts: int, block_rows: int, method: str | None = None):
+def block_layout(idx_TX, num_experts: int, block_rows: int, method: str | None = None, valid_TX=None):
   """Padded, expert-sorted row layout of the (token, expert) pairs.
 
   Returns a dict of int32 arrays:
@@ -111,6 +111,8 @@ def block_layout(idx_TX, num_experts: int, block_rows: int, method: str | None =
     used [1]: the number of used row blocks (they come first).
   Within an expert's rows, pairs keep their original (token-major) order.
   ``method`` picks how pairs are ranked (``_rank_within_expert``); default by size.
+  Pairs where ``valid_TX`` is False (experts held by another device) get no
+  row; their ``pos`` is 0 and the combine must ignore them.
   """
   T, X = idx_TX.shape
   R = T * X
@@ -119,6 +121,8 @@ def block_layout(idx_TX, num_experts: int, block_rows: int, method: str | None =
   B = num_row_blocks(R, E, bm)
   method = method or ("compare" if R <= COMPARE_RANK_MAX_PAIRS else "sort")
   flat = idx_TX.reshape(-1).astype(jnp.int32)
+  if valid_TX is not None:
+    flat = jnp.where(valid_TX.reshape(-1), flat, E)  # a bucket past the last expert: no blocks
   within = _rank_within_expert(flat, E, method)
   if method == "compare":  # a fused reduce instead of a buffer copy and a scatter-add
     size_E = jnp.sum(flat[:, None] == jnp.arange(E, dtype=jnp.int32)[None, :], axis=0, dtype=jnp.int32)
@@ -127,8 +131,11 @@ def block_layout(idx_TX, num_experts: int, block_rows: int, method: str | None =
   blocks_E = (size_E + bm - 1) // bm
   block_end_E = jnp.cumsum(blocks_E)
   block_start_E = block_end_E - blocks_E
-  pos = block_start_E[flat] * bm + within
-  src = jnp.full((B * bm,), T, jnp.int32).at[pos].set(jnp.arange(R, dtype=jnp.int32) // X)
+  pos = block_start_E[jnp.minimum(flat, E - 1)] * bm + within
+  if valid_TX is not None:
+    pos = jnp.where(flat < E, pos, 0)
+  src = jnp.full((B * bm,), T, jnp.int32).at[jnp.where(flat < E, pos, B * bm)].set(
+      jnp.arange(R, dtype=jnp.int32) // X, mode="drop")
   # compare_all: the default searchsorted method lowers to a sequential loop on GPU.
   expert_B = jnp.searchsorted(block_end_E, jnp.arange(B), side="right", method="compare_all")
   return dict(
@@ -245,7 +252,7 @@ DOWN_TILES = Tiles(n=128, k=128, num_warps=4, num_stages=3)
 
 def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, block_rows=16, interpret=None,
                    gate_up_tiles: Tiles | None = None, down_tiles: Tiles | None = None, num_experts=None,
-                   expert_offset=0):
+                   expert_offset=0, valid_TX=None):
   """Routed-expert output [T, D], same contract as ``moe.experts_dense``.
 
   Expert weights are cast to x's dtype, matmuls accumulate in fp32, SwiGLU
@@ -257,7 +264,9 @@ def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, bloc
   of copying it out of the stacked parameter first.
   ``gate_up_tiles`` / ``down_tiles`` are the two kernels' launch settings
   (default ``GATE_UP_TILES`` / ``DOWN_TILES``, chosen by
-  ``tools/bench_moe.py --sweep``).
+  ``tools/bench_moe.py --sweep``). Pairs where ``valid_TX`` is False are
+  skipped (they contribute nothing): the expert-parallel path passes the
+  pairs whose experts live on other devices that way.
   """
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
@@ -268,10 +277,46 @@ def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, bloc
     raise ValueError(f"block_rows must be a power of two >= 16 on the GPU, got {block_rows}")
   # The barrier keeps the layout materialised: otherwise XLA fuses its computation into the combine's
   # gather and recomputes it for every output element (measured: +15 us per layer at batch 1).
-  layout = jax.lax.optimization_barrier(block_layout(idx_TX, E, block_rows))
+  layout = jax.lax.optimization_barrier(block_layout(idx_TX, E, block_rows, valid_TX=valid_TX))
   layout["expert"] = layout["expert"] + expert_offset
   kw = dict(block_rows=block_rows, interpret=interpret)
   h_PF = grouped_swiglu(x_TD, layout["src"], layout["expert"], layout["used"], w_gate_EDF, w_up_EDF, tiles=gate_up_tiles, **kw)
   y_PD = grouped_down(h_PF, layout["expert"], layout["used"], w_down_EFD, tiles=down_tiles, **kw)
   y_TXD = y_PD[layout["pos"]].astype(jnp.float32)  # each (token, slot) pair's row: one gather
+  if valid_TX is not None:
+    y_TXD = jnp.where(valid_TX[..., None], y_TXD, 0.0)
   return jnp.einsum("txd,tx->td", y_TXD, w_TX.astype(jnp.float32)).astype(dtype)
+
+
+def experts_pallas_expert_parallel(x_TD, idx_TX, w_TX, w_gate_LEDF, w_up_LEDF, w_down_LEFD, layer, *,
+                                   axis: str = "expert", **kw):
+  """``experts_pallas`` with the experts split over the mesh axis ``axis`` (expert parallelism).
+
+  Runs under the mesh set with ``jax.set_mesh``. The weights are ``[layers, E,
+  ...]`` stacks (``layer`` picks one, traced is fine) whose expert dimension is
+  split over ``axis``; tokens and routing are replicated. Each device runs the
+  kernels on the pairs routed to its own experts, reading its local slice of
+  the stack in place, and the partial outputs are summed over ``axis``
+  (fp32), so every device returns the full ``[T, D]`` result.
+  """
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+
+  E = w_gate_LEDF.shape[1]
+  n = jax.sharding.get_abstract_mesh().shape[axis]
+  if E % n:
+    raise ValueError(f"{E} experts do not split over the {n} devices of mesh axis {axis!r}")
+  local = E // n
+  dtype = x_TD.dtype
+
+  def body(x, idx, w, wg, wu, wd, layer):
+    first = jax.lax.axis_index(axis) * local
+    mine = (idx >= first) & (idx < first + local)
+    flat = [a.reshape((-1,) + a.shape[2:]) for a in (wg, wu, wd)]  # local [layers * local, ...]: a bitcast
+    y = experts_pallas(x, jnp.where(mine, idx - first, 0), w, *flat,
+                       num_experts=local, expert_offset=layer * local, valid_TX=mine, **kw)
+    return jax.lax.psum(y.astype(jnp.float32), axis)
+
+  experts = P(None, axis)
+  out = jax.shard_map(body, in_specs=(P(), P(), P(), experts, experts, experts, P()), out_specs=P(),
+                      check_vma=False)(x_TD, idx_TX, w_TX, w_gate_LEDF, w_up_LEDF, w_down_LEFD, layer)
+  return out.astype(dtype)
