@@ -3,6 +3,7 @@
   python tools/bench_decode.py                       # on the GPU: real shapes, random bf16 weights
   python tools/bench_decode.py --tiny                # tiny shapes, any device (smoke test)
   python tools/bench_decode.py --backends pallas,grouped --batches 1,8 --json OUT.json
+  python tools/bench_decode.py --mesh expert=8            # weights split over 8 GPUs (expert-parallel MoE)
 
 Reports median / min / max over rounds of:
   prefill   one 512-token forward that fills the KV cache (batch 1);
@@ -23,6 +24,7 @@ about as many experts as a trained model does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -37,7 +39,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from dmax_jax import config as config_lib  # pylint: disable=wrong-import-position
-from dmax_jax import decoding, model, moe, params as params_lib  # pylint: disable=wrong-import-position
+from dmax_jax import decoding, model, moe, params as params_lib, sharding  # pylint: disable=wrong-import-position
 from dmax_jax.benchmarking import copy_bandwidths, device_kernel_times, time_calls, uniform_routing  # pylint: disable=wrong-import-position
 
 _raw_route = moe.route
@@ -118,6 +120,22 @@ def profile_forward(cfg, params, batch, S, Lq, routing, top):
     print(f"  {us:9.1f} us  {n:5.0f}x  {100 * us / total:5.1f}%  {name[:110]}")
 
 
+def split_agreement(cfg, one_device, split, mesh):
+  """One forward on one device vs split over ``mesh``: relative L2 distance of the logits, argmax agreement.
+
+  (Exact token equality of whole decodes is tested on a sharpened model in
+  tests/test_sharded_decoding.py; on random bf16 weights rounding differences
+  of the split sums flip near-tied argmaxes.)
+  """
+  tokens = jax.random.randint(jax.random.key(3), (2, 64), 0, cfg.vocab_size)
+  fwd = lambda p: model.forward(p, cfg, tokens=tokens, mask=model.block_causal_mask(64, 32))  # pylint: disable=unnecessary-lambda-assignment
+  want = np.asarray(jax.jit(fwd)(one_device))
+  with jax.set_mesh(mesh):
+    got = np.asarray(jax.jit(fwd)(split))
+  return dict(rel_l2=float(np.linalg.norm(got - want) / np.linalg.norm(want)),
+              argmax_agree=float(np.mean(got.argmax(-1) == want.argmax(-1))))
+
+
 def bench_prefill(cfg, params, S, rounds, L=None):
   """Seconds of one L-token (default S) forward from position 0 into an S-position cache."""
   L = L or S
@@ -160,6 +178,7 @@ def main(argv=None):
   ap.add_argument("--no-spd", action="store_true")
   ap.add_argument("--only-spd", action="store_true", help="skip the prefill and forward rows")
   ap.add_argument("--json", default=None)
+  ap.add_argument("--mesh", default="", help="split the weights over a device mesh, e.g. expert=8 or expert=4,tensor=2")
   ap.add_argument("--profile", type=int, default=0, metavar="N",
                   help="print the N kernels taking the most device time in one forward, per routing and batch")
   args = ap.parse_args(argv)
@@ -177,48 +196,67 @@ def main(argv=None):
   bw = max(bws.values())
   print(f"copy bandwidth: {bw / 1e12:.3f} TB/s (read + write, best of "
         + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in bws.items()) + ")", flush=True)
+  mesh = None
+  if args.mesh:
+    try:
+      mesh = sharding.make_mesh(dict((k, int(v)) for k, v in (a.split("=") for a in args.mesh.split(","))))
+    except (ValueError, sharding.MeshError) as e:
+      ap.error(f"--mesh {args.mesh}: {e}")
   params = make_params(cfg, jax.random.key(0))
   n_params = params_lib.count_params(cfg)
   print(f"params: {n_params / 1e9:.3f} B ({2 * n_params / 1e9:.1f} GB bf16)", flush=True)
   results = dict(device=dev.device_kind, jax=jax.__version__, copy_bw=bw, copy_bws=bws, rows=[])
-  if args.profile:
-    for routing in args.routing.split(","):
-      set_routing(routing)
-      for batch in map(int, args.batches.split(",")):
-        profile_forward(dataclasses.replace(cfg, moe_backend=args.backends.split(",")[0]), params, batch, S, K,
-                        routing, args.profile)
-    set_routing("raw")
-  rows = results["rows"]
-  for backend in args.backends.split(","):
-    c = dataclasses.replace(cfg, moe_backend=backend)
-    set_routing("raw")
-    if not args.only_spd:
-      pre = bench_prefill(c, params, S, args.rounds)
-      rows.append(dict(what="prefill 512", backend=backend, routing="raw", batch=1, **stats(pre)))
-    for routing in ([] if args.only_spd else args.routing.split(",")):
-      set_routing(routing)
-      for batch in map(int, args.batches.split(",")):
-        times, touched = bench_forwards(c, params, batch, S, K, S - K, loop=args.loop, rounds=args.rounds)
-        nbytes = forward_bytes(c, touched, batch, S)
-        limit = nbytes / bw
+  if mesh is not None:
+    one_device = params
+    params = jax.device_put(params, sharding.tree_shardings(mesh, params))
+    results["split_vs_one_device"] = agree = split_agreement(
+        dataclasses.replace(cfg, moe_backend=args.backends.split(",")[0]), one_device, params, mesh)
+    print(f"split vs one device, one forward: logits rel L2 {agree['rel_l2']:.2e}, "
+          f"argmax agreement {100 * agree['argmax_agree']:.1f}%", flush=True)
+    del one_device
+    results["mesh"] = dict(mesh.shape)
+    print(f"mesh: {dict(mesh.shape)}; limits below assume the bytes split evenly over {mesh.size} devices",
+          flush=True)
+    bw = bw * mesh.size
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    if args.profile:
+      for routing in args.routing.split(","):
+        set_routing(routing)
+        for batch in map(int, args.batches.split(",")):
+          profile_forward(dataclasses.replace(cfg, moe_backend=args.backends.split(",")[0]), params, batch, S, K,
+                          routing, args.profile)
+      set_routing("raw")
+    rows = results["rows"]
+    for backend in args.backends.split(","):
+      c = dataclasses.replace(cfg, moe_backend=backend)
+      set_routing("raw")
+      if not args.only_spd:
+        pre = bench_prefill(c, params, S, args.rounds)
+        rows.append(dict(what="prefill 512", backend=backend, routing="raw", batch=1, **stats(pre)))
+      for routing in ([] if args.only_spd else args.routing.split(",")):
+        set_routing(routing)
+        for batch in map(int, args.batches.split(",")):
+          times, touched = bench_forwards(c, params, batch, S, K, S - K, loop=args.loop, rounds=args.rounds)
+          nbytes = forward_bytes(c, touched, batch, S)
+          limit = nbytes / bw
+          st = stats(times)
+          rows.append(dict(what="forward 32/512", backend=backend, routing=routing, batch=batch, **st,
+                           experts_per_layer=float(np.mean(touched)), bytes=nbytes, limit=limit, ratio=st["median"] / limit,
+                           implied_tok_s=5.47 * batch / st["median"]))
+      if not args.no_spd:
+        # Uniform routing here, so the loop and the bare forwards it is compared with touch as many experts.
+        set_routing("uniform")
+        prompt_len, gen = K, S - K  # a one-block prompt and 15 decoded blocks: the prefill is negligible
+        t32, _ = bench_forwards(c, params, 1, S, K, S - K, loop=args.loop, rounds=args.rounds)
+        t64, _ = bench_forwards(c, params, 1, S, 2 * K, S - 2 * K, loop=args.loop, rounds=args.rounds)
+        prefill_s = statistics.median(bench_prefill(c, params, S, args.rounds, L=K))
+        times, forwards, nfe, layout = bench_spd_loop(c, params, 1, prompt_len, gen, args.rounds, prefill_s)
+        blocks = layout.D
+        bare = (blocks * statistics.median(t64) + (forwards - blocks) * statistics.median(t32)) / forwards
         st = stats(times)
-        rows.append(dict(what="forward 32/512", backend=backend, routing=routing, batch=batch, **st,
-                         experts_per_layer=float(np.mean(touched)), bytes=nbytes, limit=limit, ratio=st["median"] / limit,
-                         implied_tok_s=5.47 * batch / st["median"]))
-    if not args.no_spd:
-      # Uniform routing here, so the loop and the bare forwards it is compared with touch as many experts.
-      set_routing("uniform")
-      prompt_len, gen = K, S - K  # a one-block prompt and 15 decoded blocks: the prefill is negligible
-      t32, _ = bench_forwards(c, params, 1, S, K, S - K, loop=args.loop, rounds=args.rounds)
-      t64, _ = bench_forwards(c, params, 1, S, 2 * K, S - 2 * K, loop=args.loop, rounds=args.rounds)
-      prefill_s = statistics.median(bench_prefill(c, params, S, args.rounds, L=K))
-      times, forwards, nfe, layout = bench_spd_loop(c, params, 1, prompt_len, gen, args.rounds, prefill_s)
-      blocks = layout.D
-      bare = (blocks * statistics.median(t64) + (forwards - blocks) * statistics.median(t32)) / forwards
-      st = stats(times)
-      rows.append(dict(what="spd loop", backend=backend, routing="uniform", batch=1, **st, forwards=forwards,
-                       forwards_per_s=1 / st["median"], bare_forward=bare, overhead=st["median"] / bare - 1))
-  set_routing("raw")
+        rows.append(dict(what="spd loop", backend=backend, routing="uniform", batch=1, **st, forwards=forwards,
+                         forwards_per_s=1 / st["median"], bare_forward=bare, overhead=st["median"] / bare - 1))
+    set_routing("raw")
 
   print()
   print(f"{'what':16s} {'backend':8s} {'routing':8s} {'B':>2s} {'median ms':>10s} {'min':>8s} {'max':>8s} "
