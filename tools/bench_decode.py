@@ -189,6 +189,12 @@ def main(argv=None):
                               num_key_value_heads=2, head_dim=32, intermediate_size=256, moe_intermediate_size=64,
                               num_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, mask_token_id=4095,
                               eos_token_id=4094, pad_token_id=4094)
+  mesh = None
+  if args.mesh:
+    try:
+      mesh = sharding.make_mesh(dict((k, int(v)) for k, v in (a.split("=") for a in args.mesh.split(","))))
+    except (ValueError, sharding.MeshError) as e:
+      ap.error(f"--mesh {args.mesh}: {e}")
   S, K = 512, 32
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
@@ -196,12 +202,6 @@ def main(argv=None):
   bw = max(bws.values())
   print(f"copy bandwidth: {bw / 1e12:.3f} TB/s (read + write, best of "
         + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in bws.items()) + ")", flush=True)
-  mesh = None
-  if args.mesh:
-    try:
-      mesh = sharding.make_mesh(dict((k, int(v)) for k, v in (a.split("=") for a in args.mesh.split(","))))
-    except (ValueError, sharding.MeshError) as e:
-      ap.error(f"--mesh {args.mesh}: {e}")
   params = make_params(cfg, jax.random.key(0))
   n_params = params_lib.count_params(cfg)
   print(f"params: {n_params / 1e9:.3f} B ({2 * n_params / 1e9:.1f} GB bf16)", flush=True)
