@@ -157,7 +157,8 @@ def _run_stack(stack, x, positions, cfg: ModelConfig, kind: str, mask, cache, st
       shared["experts_stacked"] = tuple(weights)
     else:
       shared["experts_flat"] = tuple(w.reshape((-1,) + w.shape[2:]) for w in weights)
-    stack["layer"] = jnp.arange(num, dtype=jnp.int32)
+  if cfg.scan_layers:  # each layer's index, for in-place reads of stacked weights and cache
+    stack = dict(stack, layer=jnp.arange(num, dtype=jnp.int32))
 
   norm_names = [k for k in _NORMS if k in stack]
   if cfg.scan_layers and norm_names:
@@ -192,7 +193,6 @@ def _run_stack(stack, x, positions, cfg: ModelConfig, kind: str, mask, cache, st
   if cfg.remat:
     body = jax.checkpoint(body, prevent_cse=not cfg.scan_layers)
   if cfg.scan_layers and cache is not None:
-    stack = dict(stack, layer=jnp.arange(num, dtype=jnp.int32))
     (x, new_cache), router = jax.lax.scan(cached_body, (x, cache), stack)
     return x, new_cache, router
   if cfg.scan_layers:

@@ -45,7 +45,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Tiles:
   """Launch settings of one grouped-matmul kernel.
@@ -60,6 +59,11 @@ class Tiles:
   k: int = 128
   num_warps: int = 4
   num_stages: int = 3
+
+
+def _interpret(interpret) -> bool:
+  """None -> interpret on the CPU backend (where Pallas has no compiled path)."""
+  return jax.default_backend() == "cpu" if interpret is None else interpret
 
 
 def _tile(dim: int, preferred: int) -> int:
@@ -79,22 +83,25 @@ def num_row_blocks(rows: int, num_experts: int, block_rows: int) -> int:
   return (rows + min(num_experts, rows) * (block_rows - 1)) // block_rows
 
 
-def _rank_within_expert(flat_R, num_experts: int, method: str):
-  """For each pair, how many earlier pairs (lower index) chose the same expert.
+def _rank_and_sizes(flat_R, num_experts: int, method: str):
+  """(for each pair, how many earlier pairs chose the same expert; pairs per expert [E]).
 
-  ``compare`` counts over an [R, R] comparison (a couple of fused kernels, no
-  sort: the fast path at decoding sizes); ``sort`` goes through a stable
-  argsort (memory linear in R: prefill and training sizes).
+  Ids >= ``num_experts`` belong to no expert (not counted). ``compare`` counts
+  over an [R, R] comparison (fused reduces, no sort: the fast path at decoding
+  sizes); ``sort`` goes through a stable argsort (memory linear in R: prefill
+  and training sizes).
   """
   R = flat_R.shape[0]
   ar = jnp.arange(R, dtype=jnp.int32)
   if method == "compare":
     earlier_same = (flat_R[None, :] == flat_R[:, None]) & (ar[None, :] < ar[:, None])
-    return jnp.sum(earlier_same, axis=1, dtype=jnp.int32)
+    size_E = jnp.sum(flat_R[:, None] == jnp.arange(num_experts, dtype=jnp.int32)[None, :], axis=0, dtype=jnp.int32)
+    return jnp.sum(earlier_same, axis=1, dtype=jnp.int32), size_E
   order = jnp.argsort(flat_R, stable=True)
-  size_E = jnp.bincount(flat_R, length=num_experts).astype(jnp.int32)
+  size_E = jnp.zeros((num_experts,), jnp.int32).at[flat_R].add(1, mode="drop")
   start_E = jnp.cumsum(size_E) - size_E
-  return jnp.zeros((R,), jnp.int32).at[order].set(ar - start_E[flat_R[order]])
+  within_sorted = ar - start_E[jnp.minimum(flat_R[order], num_experts - 1)]
+  return jnp.zeros((R,), jnp.int32).at[order].set(within_sorted), size_E
 
 
 # Up to this many (token, expert) pairs the layout ranks pairs by comparison, not by sorting.
@@ -110,7 +117,7 @@ def block_layout(idx_TX, num_experts: int, block_rows: int, method: str | None =
     expert [B]: the expert of each row block (clipped to E-1 past the used blocks);
     used [1]: the number of used row blocks (they come first).
   Within an expert's rows, pairs keep their original (token-major) order.
-  ``method`` picks how pairs are ranked (``_rank_within_expert``); default by size.
+  ``method`` picks how pairs are ranked (``_rank_and_sizes``); default by size.
   Pairs where ``valid_TX`` is False (experts held by another device) get no
   row; their ``pos`` is 0 and the combine must ignore them.
   """
@@ -123,11 +130,7 @@ def block_layout(idx_TX, num_experts: int, block_rows: int, method: str | None =
   flat = idx_TX.reshape(-1).astype(jnp.int32)
   if valid_TX is not None:
     flat = jnp.where(valid_TX.reshape(-1), flat, E)  # a bucket past the last expert: no blocks
-  within = _rank_within_expert(flat, E, method)
-  if method == "compare":  # a fused reduce instead of a buffer copy and a scatter-add
-    size_E = jnp.sum(flat[:, None] == jnp.arange(E, dtype=jnp.int32)[None, :], axis=0, dtype=jnp.int32)
-  else:
-    size_E = jnp.zeros((E,), jnp.int32).at[flat].add(1)
+  within, size_E = _rank_and_sizes(flat, E, method)
   blocks_E = (size_E + bm - 1) // bm
   block_end_E = jnp.cumsum(blocks_E)
   block_start_E = block_end_E - blocks_E
@@ -198,8 +201,7 @@ def _row_block_call(name, rows, expert_B, used, weights, out_cols, *, block_rows
   ``rows`` is the padded ``[P, K]`` row array, or with ``src_P`` the ``[T, K]``
   token rows that padded row p reads as ``rows[src_P[p]]``.
   """
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
+  interpret = _interpret(interpret)
   K = rows.shape[1]
   P = rows.shape[0] if src_P is None else src_P.shape[0]
   tile, tile_k = _tile(out_cols, tiles.n), _tile(K, tiles.k)
@@ -268,10 +270,8 @@ def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, bloc
   skipped (they contribute nothing): the expert-parallel path passes the
   pairs whose experts live on other devices that way.
   """
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
+  interpret = _interpret(interpret)
   dtype = x_TD.dtype
-  T = x_TD.shape[0]
   E = num_experts or w_gate_EDF.shape[0]
   if not interpret and (block_rows < 16 or block_rows & (block_rows - 1)):
     raise ValueError(f"block_rows must be a power of two >= 16 on the GPU, got {block_rows}")
@@ -296,8 +296,9 @@ def experts_pallas_expert_parallel(x_TD, idx_TX, w_TX, w_gate_LEDF, w_up_LEDF, w
   ...]`` stacks (``layer`` picks one, traced is fine) whose expert dimension is
   split over ``axis``; tokens and routing are replicated. Each device runs the
   kernels on the pairs routed to its own experts, reading its local slice of
-  the stack in place, and the partial outputs are summed over ``axis``
-  (fp32), so every device returns the full ``[T, D]`` result.
+  the stack in place, and the partial outputs (rounded to x's dtype, as a
+  single device's output is) are summed over ``axis`` in fp32, so every
+  device returns the full ``[T, D]`` result.
   """
   from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
