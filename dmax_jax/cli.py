@@ -92,7 +92,7 @@ def _decode(args) -> int:
       requests.append(runner.Request(1, "--prompt", text, ids))
     except ValueError as e:
       errors.append(f"--prompt: {e}")
-  requests, too_long = runner.check_lengths(requests, config.max_position_embeddings, args.gen_length)
+  requests, too_long = runner.check_prompts(requests, config, args.gen_length, args.block_length)
   errors += too_long
   report_errors(errors)
   with RecordWriter(args.output, ("id",), stream=sys.stdout) as writer:

@@ -85,6 +85,23 @@ class Layout(NamedTuple):
     return (self.F + self.D) * self.K
 
 
+def prompt_problem(prompt: Sequence[int], gen_length: int, block_length: int, cfg: ModelConfig) -> Optional[str]:
+  """Why ``prompt`` cannot be decoded with these settings, or None.
+
+  The canvas is the prompt plus ``gen_length`` rounded up to whole blocks; it
+  must fit the model's positions.
+  """
+  if len(prompt) == 0:
+    return "no tokens"
+  if any((t < 0 or t >= cfg.vocab_size) for t in prompt):
+    return f"token ids outside [0, {cfg.vocab_size})"
+  canvas = -(-(len(prompt) + gen_length) // block_length) * block_length
+  if canvas > cfg.max_position_embeddings:
+    return (f"prompt of {len(prompt)} tokens + gen length {gen_length} (canvas of {canvas} in blocks of "
+            f"{block_length}) exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
+  return None
+
+
 def plan_batch(prompts: Sequence[Sequence[int]], gen_length: int, block_length: int, cfg: ModelConfig):
   """Host-side layout: padded canvas, per-sequence shifts and block counts."""
   if gen_length <= 0:
@@ -94,19 +111,12 @@ def plan_batch(prompts: Sequence[Sequence[int]], gen_length: int, block_length: 
   if not prompts:
     raise ValueError("no prompts given")
   K = block_length
-  P = np.array([len(p) for p in prompts])
   for i, p in enumerate(prompts):
-    if len(p) == 0:
-      raise ValueError(f"prompt {i} is empty")
-    if any((t < 0 or t >= cfg.vocab_size) for t in p):
-      raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
+    problem = prompt_problem(p, gen_length, block_length, cfg)
+    if problem:
+      raise ValueError(f"prompt {i}: {problem}")
+  P = np.array([len(p) for p in prompts])
   T = -(-(P + gen_length) // K) * K
-  too_long = np.nonzero(T > cfg.max_position_embeddings)[0]
-  if len(too_long):
-    i = int(too_long[0])
-    raise ValueError(
-        f"prompt {i}: {P[i]} prompt tokens + {gen_length} to generate (canvas {T[i]}) exceed"
-        f" max_position_embeddings {cfg.max_position_embeddings}")
   first = P // K  # first block holding a mask
   F = max(1, int(first.max()))
   n_dec = T // K - first
@@ -250,7 +260,7 @@ def _generate_jit(params, cfg: ModelConfig, rule: Rule, hp, layout: Layout, canv
   # Prefill every block before the first decoding block.
   Lp = F * K
   _, cache = model_lib.forward_cached(
-      params, cfg, cache, start=0, kv_mask=_kv_mask(layout, shift, 0, Lp), embeds=_hard_embed(params, cfg, canvas[:, :Lp]),
+      params, cfg, cache, start=0, kv_mask=_kv_mask(layout, shift, 0, Lp), tokens=canvas[:, :Lp],
       positions=_positions(shift, 0, Lp, K), return_hidden=True)
 
   def forward_block(cache, emb, q_start, Lq):
@@ -292,7 +302,7 @@ def _generate_jit(params, cfg: ModelConfig, rule: Rule, hp, layout: Layout, canv
 
     def body(c):
       st, cache, tr, i = c
-      logits, cache = forward_block(cache, st.emb.astype(jnp.float32), start, K)
+      logits, cache = forward_block(cache, st.emb, start, K)
       st, rec = _update(st, logits, params, cfg, rule, hp, K)
       return st, cache, record(tr, rec, i), i + 1
 

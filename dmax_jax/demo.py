@@ -178,8 +178,7 @@ def distill(config, workdir: str, base_dir: str, train_path: str, progress: bool
   records = {r["id"]: r for r in read_records(os.path.join(workdir, "distill", "records.jsonl"))}
   kept = [{"question": rows[i]["question"], "answer": records[i]["output"]}
           for i in range(len(rows)) if i in records and keep_generation(records[i]["output"], d.keep)]
-  correct = sum(gsm8k.extract_prediction(records[i]["output"]) == gsm8k.reference_answer(rows[i]["answer"])
-                for i in records)
+  correct = sum(gsm8k.is_correct(records[i]["output"], gsm8k.reference_answer(rows[i]["answer"])) for i in records)
   _log(f"distill: kept {len(kept)}/{len(rows)} generations ({d.keep}); {correct} of them reach the right answer")
   arith.write_jsonl(kept, out)
   return out

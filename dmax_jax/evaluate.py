@@ -117,7 +117,7 @@ def _evaluate(args) -> int:
     raise runner.UsageError(f"{args.data}: no such file")
   config, params, tokenizer = runner.load_model(args.checkpoint, args.dtype)
   requests, errors = read_gsm8k(args.data, tokenizer, args.limit)
-  requests, too_long = runner.check_lengths(requests, config.max_position_embeddings, args.gen_length)
+  requests, too_long = runner.check_prompts(requests, config, args.gen_length, args.block_length)
   errors += too_long
   cli.report_errors(errors)
   with RecordWriter(args.output, KEY_FIELDS) as writer:

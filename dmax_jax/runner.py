@@ -165,13 +165,13 @@ def read_prompts(path: str, tokenizer, math: bool = False) -> tuple[list[Request
   return read_jsonl(path, parse)
 
 
-def check_lengths(requests: Sequence[Request], max_positions: int, gen_length: int):
-  """Splits off requests whose prompt + gen_length do not fit the model: (kept, errors)."""
+def check_prompts(requests: Sequence[Request], config, gen_length: int, block_length: int):
+  """Splits off requests the decoder cannot take (``decoding.prompt_problem``): (kept, errors)."""
   kept, errors = [], []
   for r in requests:
-    if len(r.ids) + gen_length > max_positions:
-      errors.append(f"{r.where}: prompt of {len(r.ids)} tokens + gen length {gen_length} exceeds the model's "
-                    f"max_position_embeddings {max_positions}")
+    problem = decoding.prompt_problem(r.ids, gen_length, block_length, config)
+    if problem:
+      errors.append(f"{r.where}: {problem}")
     else:
       kept.append(r)
   return kept, errors
@@ -219,9 +219,8 @@ def strategy_fields(strategy) -> dict:
 
 # ---------------------------------------------------------------- running
 
-def _generate_batch(model, batch, settings, errors):
+def _generate_batch(params, config, batch, settings, errors):
   """Generations of ``batch``; a batch the engine rejects is retried one by one to name the bad prompt."""
-  params, config = model
   try:
     return batch, decoding.generate(params, config, [r.ids for r in batch], **settings)
   except ValueError as e:
@@ -230,7 +229,7 @@ def _generate_batch(model, batch, settings, errors):
       return [], []
   kept, gens = [], []
   for r in batch:
-    ok, g = _generate_batch(model, [r], settings, errors)
+    ok, g = _generate_batch(params, config, [r], settings, errors)
     kept += ok
     gens += g
   return kept, gens
@@ -255,10 +254,10 @@ def run(requests: Sequence[Request], *, params, config, tokenizer, strategy, gen
              disable=not progress, dynamic_ncols=True)
   settings = dict(strategy=strategy, gen_length=gen_length, block_length=block_length, trace=trace)
   for start in range(0, len(pending), batch_size):
+    chunk = pending[start:start + batch_size]
     rng, key = jax.random.split(rng)
     t0 = time.perf_counter()
-    batch, gens = _generate_batch((params, config), pending[start:start + batch_size], dict(settings, rng=key),
-                                  result.errors)
+    batch, gens = _generate_batch(params, config, chunk, dict(settings, rng=key), result.errors)
     seconds = time.perf_counter() - t0
     result.seconds += seconds
     records = [_record(r, g, tokenizer, fields, seconds, len(batch), gen_length, block_length)
@@ -269,7 +268,7 @@ def run(requests: Sequence[Request], *, params, config, tokenizer, strategy, gen
     result.records += records
     if trace:
       result.traces += [{"record": rec, "prompt_ids": r.ids, "steps": g.trace} for r, g, rec in zip(batch, gens, records)]
-    bar.update(len(pending[start:start + batch_size]))
+    bar.update(len(chunk))
     bar.set_postfix(tok_s=f"{result.tokens_per_second:.1f}", tpf=f"{result.mean_tpf:.2f}", refresh=False)
   bar.close()
   return result

@@ -12,7 +12,8 @@ from __future__ import annotations
 import html
 from typing import Sequence
 
-STATUSES = ("prompt", "mask", "new", "revised", "same")
+from dmax_jax.decoding import STATUS
+
 _LABELS = {"prompt": "prompt", "mask": "masked", "new": "newly decoded", "revised": "revised",
            "same": "decoded earlier, unchanged"}
 
@@ -99,7 +100,7 @@ def render(items: Sequence[dict], tokenizer, mask_id: int, title: str = "dmax_ja
   """The page for ``items`` ({"record", "prompt_ids", "steps": [TraceStep]}, as runner.run returns them)."""
   cache: dict = {}
   legend = "".join(f'<span class="l"><span class="t {s}" style="--a:0.8">{_LABELS[s]}</span></span>'
-                   for s in STATUSES)
+                   for s in STATUS)
   body = "".join(_prompt_section(item, tokenizer, mask_id, cache) for item in items)
   return (
       f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"

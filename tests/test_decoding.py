@@ -137,7 +137,7 @@ def test_sampling_is_seeded(sharp, prompts):
 
 def test_bad_inputs(tiny):
   cfg, params = tiny
-  with pytest.raises(ValueError, match="prompt 1 is empty"):
+  with pytest.raises(ValueError, match="prompt 1: no tokens"):
     generate(params, cfg, [[1, 2], []], strategy=SPD(), gen_length=8, block_length=8)
   with pytest.raises(ValueError, match="max_position_embeddings"):
     generate(params, cfg, [[1] * 250], strategy=SPD(), gen_length=8, block_length=8)
