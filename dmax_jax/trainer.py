@@ -177,7 +177,7 @@ def shape_batch(batch: dict, p: Plan) -> dict:
 def state_shardings(mesh, state):
   out = {"params": sharding.tree_shardings(mesh, state["params"]),
          "opt_state": sharding.tree_shardings(mesh, state["opt_state"])}
-  for k in ("step", "data_position", "rng"):
+  for k in ("step", "rng"):
     out[k] = sharding.replicated(mesh)
   return out
 
@@ -202,7 +202,6 @@ def fresh_state(config, cfg, tx, mesh):
       "params": params,
       "opt_state": opt_state,
       "step": _put(np.zeros((), np.int32), rep),
-      "data_position": _put(np.zeros((2,), np.int32), rep),
       "rng": _put(np.asarray(jax.random.PRNGKey(config.train.seed)), rep),
   }
 
@@ -214,17 +213,17 @@ def _to_saved(state, pos):
 
 
 def _from_saved(saved, mesh):
-  rep = sharding.replicated(mesh)
-  return {"params": saved["params"], "opt_state": saved["opt_state"], "rng": saved["rng"],
-          "step": _put(np.asarray(saved["step"], np.int32), rep),
-          "data_position": _put(np.asarray(saved["data"], np.int32), rep)}
+  """Saved state -> (train state, data position)."""
+  state = {"params": saved["params"], "opt_state": saved["opt_state"], "rng": saved["rng"],
+           "step": _put(np.asarray(saved["step"], np.int32), sharding.replicated(mesh))}
+  return state, data_lib.DataPosition.from_array(saved["data"])
 
 
 def abstract_state(config, cfg, tx, mesh):
   def make():
     params = init_params(cfg, jax.random.PRNGKey(0))
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "data_position": jnp.zeros((2,), jnp.int32), "rng": jax.random.PRNGKey(config.train.seed)}
+            "rng": jax.random.PRNGKey(config.train.seed)}
 
   shapes = jax.eval_shape(make)
   shard = state_shardings(mesh, shapes)
@@ -234,13 +233,7 @@ def abstract_state(config, cfg, tx, mesh):
 def jit_step(cfg, obj, tx, sched, mesh, state_like):
   step = make_step_fn(cfg, obj, tx, sched)
   st_shard = state_shardings(mesh, state_like)
-  b_spec = jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh, 2, batch_dim=1))
-  b_spec3 = jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh, 3, batch_dim=1))
-
-  def bshard(x):
-    return b_spec3 if np.ndim(x) == 3 else b_spec
-
-  return jax.jit(step, in_shardings=(st_shard, None), out_shardings=(st_shard, None), donate_argnums=(0,)), bshard
+  return jax.jit(step, in_shardings=(st_shard, None), out_shardings=(st_shard, None), donate_argnums=(0,))
 
 
 def _put(x: np.ndarray, shard) -> jax.Array:
@@ -248,14 +241,29 @@ def _put(x: np.ndarray, shard) -> jax.Array:
   return jax.make_array_from_callback(x.shape, shard, lambda idx: x[idx])
 
 
-def put_batch(batch: dict, bshard) -> dict:
+def put_batch(batch: dict, mesh) -> dict:
   """Host arrays of the whole global batch -> global device arrays.
 
   Every process holds the same global batch (the data order is a pure
   function of the seed and position) and places only the slices its own
   devices hold, so one code path serves one GPU, one host and many hosts.
   """
-  return {k: _put(v, bshard(v)) for k, v in batch.items()}
+  return jax.tree.map(_put, batch, _batch_shardings(mesh, batch))
+
+
+def _batch_shardings(mesh, batch):
+  """Shardings of a shaped ``[A, M, ...]`` batch: the micro-batch rows (dim 1) split over the batch axes."""
+  return sharding.batch_shardings(mesh, batch, batch_dim=1)
+
+
+def abstract_batch(mesh, p: Plan, seq_len: int) -> dict:
+  """Shapes, dtypes and shardings of one step's batch (``put_batch(shape_batch(...))``), for ahead-of-time compiles."""
+  G = p.global_batch
+  host = shape_batch(data_lib.Dataset(ids=np.zeros((G, seq_len), np.int32), prompt_len=np.zeros(G, np.int32),
+                                      labels=np.zeros((G, seq_len), np.int32), on_policy=np.zeros(G, bool)).take(
+                                          np.arange(G)), p)
+  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), host,
+                      _batch_shardings(mesh, host))
 
 
 # ---------------------------------------------------------------- the loop
@@ -272,12 +280,11 @@ def train(config, workdir: str, progress: bool = True) -> dict[str, Any]:
   ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints,
                            async_save=config.train.async_save)
   if ckpt.latest_step() is not None:
-    state = _from_saved(ckpt.restore(abstract_state=abstract_state(config, cfg, tx, mesh)), mesh)
+    state, pos = _from_saved(ckpt.restore(abstract_state=abstract_state(config, cfg, tx, mesh)), mesh)
   else:
-    state = fresh_state(config, cfg, tx, mesh)
-  step_fn, bshard = jit_step(cfg, obj, tx, sched, mesh, state)
+    state, pos = fresh_state(config, cfg, tx, mesh), data_lib.DataPosition()
+  step_fn = jit_step(cfg, obj, tx, sched, mesh, state)
   start = int(state["step"])
-  pos = data_lib.DataPosition.from_array(np.asarray(state["data_position"]))
   stream = data_lib.batches(ds, p.global_batch, config.train.seed, pos)
   tokens_per_step = p.global_batch * config.data.max_seq_len
   save_every = config.train.save_every
@@ -288,10 +295,9 @@ def train(config, workdir: str, progress: bool = True) -> dict[str, Any]:
     for step in range(start + 1, p.total_steps + 1):
       host_batch, pos = next(stream)
       t0 = time.perf_counter()
-      state, m = step_fn(state, put_batch(shape_batch(host_batch, p), bshard))
+      state, m = step_fn(state, put_batch(shape_batch(host_batch, p), mesh))
       m = {k: float(v) for k, v in m.items()}
       dt = time.perf_counter() - t0
-      state["data_position"] = _put(np.asarray(pos.to_array(), np.int32), sharding.replicated(mesh))
       row = {"step": step, "epoch": pos.epoch, "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
              "tokens_per_s": tokens_per_step / dt, "step_time": dt}
       mlog.write(json.dumps(row) + "\n")
@@ -305,8 +311,7 @@ def train(config, workdir: str, progress: bool = True) -> dict[str, Any]:
         os.kill(os.getpid(), signal.SIGKILL)  # a hard crash, for the resume test
   ckpt.wait()
   if ckpt.latest_step() != p.total_steps:
-    ckpt.save(p.total_steps, _to_saved(state, data_lib.DataPosition.from_array(np.asarray(state["data_position"]))),
-              force=True)
+    ckpt.save(p.total_steps, _to_saved(state, pos), force=True)
   ckpt.wait()
   ckpt.close()
   return state

@@ -181,10 +181,10 @@ for name, axes, devices in [("one", {"data": 1}, jax.devices()[:1]),
   plan = trainer.Plan(8, rows, 8 // rows, 10)
   tx, sched = make_optimizer(c.optim, plan.total_steps)
   state = trainer.fresh_state(c, cfg, tx, mesh)
-  step, bshard = trainer.jit_step(cfg, trainer.objective_from(c), tx, sched, mesh, state)
+  step = trainer.jit_step(cfg, trainer.objective_from(c), tx, sched, mesh, state)
   metrics = []
   for _ in range(2):
-    state, m = step(state, trainer.put_batch(trainer.shape_batch(batch, plan), bshard))
+    state, m = step(state, trainer.put_batch(trainer.shape_batch(batch, plan), mesh))
     metrics.append({k: float(v) for k, v in m.items()})
   spec = state["params"]["moe"]["w_gate"].sharding.spec
   flat = {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(x) for p, x in

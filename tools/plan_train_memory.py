@@ -62,25 +62,21 @@ def main(argv):
   tx, sched = make_optimizer(config.optim, flags.FLAGS.steps)
   obj = trainer.objective_from(config)
   t = config.train
-  micro_rows = t.micro_batch_size * sharding.batch_size_multiple(mesh)
-  if t.global_batch_size % micro_rows:
-    print(f"error: global_batch_size {t.global_batch_size} is not a multiple of micro_batch_size x batch shards "
-          f"= {micro_rows}", file=sys.stderr)
+  try:  # the batch geometry train.py would use (one global batch of examples stands in for the data)
+    p = trainer.plan(config, mesh, num_examples=t.global_batch_size)
+  except trainer.TrainError as e:
+    print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  accum, L = t.global_batch_size // micro_rows, config.data.max_seq_len
-
+  L = config.data.max_seq_len
   state = trainer.abstract_state(config, cfg, tx, mesh)
-  step_fn, bshard = trainer.jit_step(cfg, obj, tx, sched, mesh, state)
-  shapes = {"ids": ((accum, micro_rows, L), np.int32), "labels": ((accum, micro_rows, L), np.int32),
-            "prompt_len": ((accum, micro_rows), np.int32), "on_policy": ((accum, micro_rows), np.bool_),
-            "row": ((accum, micro_rows), np.int32)}
-  batch = {k: jax.ShapeDtypeStruct(s, d, sharding=bshard(np.empty((0,) * len(s)))) for k, (s, d) in shapes.items()}
+  step_fn = trainer.jit_step(cfg, obj, tx, sched, mesh, state)
+  batch = trainer.abstract_batch(mesh, p, L)
 
   n_params = params_lib.count_params(cfg)
   print(f"devices: {len(jax.devices())} x {jax.devices()[0].device_kind}; mesh {dict(mesh.shape)}")
   print(f"model: {n_params / 1e9:.2f} B parameters, {cfg.num_hidden_layers} layers, {cfg.num_experts} experts; "
         f"compute {cfg.compute_dtype}, remat {cfg.remat}")
-  print(f"batch: {t.global_batch_size} sequences x {L} tokens = {accum} micro-steps of {micro_rows} rows")
+  print(f"batch: {t.global_batch_size} sequences x {L} tokens = {p.accum} micro-steps of {p.micro_rows} rows")
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   mem = compiled.memory_analysis()
