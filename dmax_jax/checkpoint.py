@@ -38,7 +38,7 @@ from dmax_jax.hf import (
     CheckpointError, SafetensorsReader, from_hf_layout, iter_checked, load_hf_checkpoint, save_hf_checkpoint,
     weight_table,
 )
-from dmax_jax.params import param_shapes
+from dmax_jax.params import is_shape, param_shapes
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 PARAMS_DIR = "params"
@@ -47,13 +47,9 @@ MAX_CHUNK_BYTES = 64 * 2**20  # split chunks of big top-level leaves (embed, lm_
 _PENDING_WRITES = 4  # tensors in flight while converting (overlaps reading with compressing)
 
 
-def _is_shape(x):
-  return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
-
-
 def _leaf_paths(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Every leaf's key path -> its full shape."""
-  flat, _ = jax.tree.flatten_with_path(param_shapes(cfg), is_leaf=_is_shape)
+  flat, _ = jax.tree.flatten_with_path(param_shapes(cfg), is_leaf=is_shape)
   return {tuple(k.key for k in path): shape for path, shape in flat}
 
 
@@ -243,7 +239,7 @@ def _broadcast_sharding(sharding, shapes):
   if sharding is None:
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   if isinstance(sharding, jax.sharding.Sharding):
-    return jax.tree.map(lambda _: sharding, shapes, is_leaf=_is_shape)
+    return jax.tree.map(lambda _: sharding, shapes, is_leaf=is_shape)
   return sharding
 
 
@@ -260,10 +256,7 @@ def load_any(path: str, dtype=None, sharding=None, **numerics) -> tuple[ModelCon
   """
   if is_converted(path):
     return load_checkpoint(path, dtype=dtype, sharding=sharding, **numerics)
-  cfg, params = load_hf_checkpoint(path, dtype=dtype or jnp.float32, **numerics)
-  if sharding is not None:
-    params = jax.device_put(params, _broadcast_sharding(sharding, param_shapes(cfg)))
-  return cfg, params
+  return load_hf_checkpoint(path, dtype=dtype or jnp.float32, sharding=sharding, **numerics)
 
 
 def load_checkpoint(path: str, dtype=None, sharding=None, **numerics) -> tuple[ModelConfig, Any]:
@@ -291,7 +284,7 @@ def load_checkpoint(path: str, dtype=None, sharding=None, **numerics) -> tuple[M
   shardings = _broadcast_sharding(sharding, shapes)
   restore_args = jax.tree.map(
       lambda shape, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=shape, dtype=dtype), shapes, shardings,
-      is_leaf=_is_shape,
+      is_leaf=is_shape,
   )
   params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
   return cfg, params

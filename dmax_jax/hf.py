@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmax_jax.config import ConfigError, ModelConfig, load_hf_config
-from dmax_jax.params import layer_shapes, param_shapes
+from dmax_jax.params import is_shape, layer_shapes, param_shapes
 
 SUPPORTED_DTYPES = ("F32", "F16", "BF16", "F64")
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "F64": np.float64}
@@ -103,8 +103,7 @@ def to_hf_layout(entry: Entry, value: np.ndarray) -> np.ndarray:
   return np.swapaxes(value, -1, -2) if entry.transpose else value
 
 
-def from_hf_layout(entry: Entry, tensor: np.ndarray) -> np.ndarray:
-  return np.swapaxes(tensor, -1, -2) if entry.transpose else tensor
+from_hf_layout = to_hf_layout  # the HF tensor -> our slice: the same swap undoes itself
 
 
 def _read_header(fpath):
@@ -236,11 +235,13 @@ def _get_leaf(tree, path):
   return tree
 
 
-def load_hf_checkpoint(path: str, dtype=jnp.float32, **numerics):
+def load_hf_checkpoint(path: str, dtype=jnp.float32, sharding=None, **numerics):
   """Loads a Hugging Face LLaDA2-MoE checkpoint directory -> (config, params).
 
   Tensors are read one at a time and written into preallocated stacked host
-  arrays of ``dtype``; each finished leaf is then moved to the default device.
+  arrays of ``dtype``, which are then placed on ``sharding`` (a
+  ``jax.sharding.Sharding`` for every leaf or a matching pytree of them;
+  None: the default device) straight from the host.
   ``numerics`` are ``ModelConfig`` run options (compute_dtype, moe_backend, ...).
   """
   try:
@@ -249,9 +250,7 @@ def load_hf_checkpoint(path: str, dtype=jnp.float32, **numerics):
     raise CheckpointError(str(e)) from None
   reader = SafetensorsReader(path)
   np_dtype = np.dtype(jnp.dtype(dtype))
-  host = jax.tree.map(
-      lambda s: np.empty(s, np_dtype), param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x)
-  )
+  host = jax.tree.map(lambda s: np.empty(s, np_dtype), param_shapes(cfg), is_leaf=is_shape)
   for e, t in iter_checked(reader, cfg):
     target = _get_leaf(host, e.leaf)
     value = from_hf_layout(e, t).astype(np_dtype)
@@ -259,7 +258,7 @@ def load_hf_checkpoint(path: str, dtype=jnp.float32, **numerics):
       target[e.index] = value
     else:
       target[...] = value
-  params = jax.tree.map(jnp.asarray, host)
+  params = jax.tree.map(jnp.asarray, host) if sharding is None else jax.device_put(host, sharding)
   return cfg, params
 
 

@@ -74,17 +74,18 @@ def param_shapes(cfg: ModelConfig) -> dict:
   return tree
 
 
-def _is_shape(x):
+def is_shape(x) -> bool:
+  """Whether ``x`` is a shape tuple: the leaves of ``param_shapes`` trees (``is_leaf=is_shape``)."""
   return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
 
 
 def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict:
   """``jax.ShapeDtypeStruct`` leaves for every parameter (nothing allocated)."""
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(cfg), is_leaf=_is_shape)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(cfg), is_leaf=is_shape)
 
 
 def count_params(cfg: ModelConfig) -> int:
-  leaves = jax.tree.leaves(param_shapes(cfg), is_leaf=_is_shape)
+  leaves = jax.tree.leaves(param_shapes(cfg), is_leaf=is_shape)
   return int(sum(math.prod(s) for s in leaves))
 
 
@@ -96,7 +97,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> dict:
   stream does not grow with depth); lm_head N(0, 1/D); norms 1; expert bias 0.
   """
   shapes = param_shapes(cfg)
-  flat, treedef = jax.tree.flatten_with_path(shapes, is_leaf=_is_shape)
+  flat, treedef = jax.tree.flatten_with_path(shapes, is_leaf=is_shape)
   keys = jax.random.split(rng, len(flat))
   depth_scale = 1.0 / math.sqrt(2.0 * cfg.num_hidden_layers)
   out = []
