@@ -77,14 +77,25 @@ def stats(xs):
   return dict(median=statistics.median(xs), min=min(xs), max=max(xs))
 
 
-def bench_forwards(cfg, params, batch, S, Lq, start, *, loop, rounds):
-  """Per-forward seconds of ``loop`` back-to-back cached forwards of Lq queries at ``start``; plus routing."""
-  K = 32
-  key_blk = jnp.arange(S) // K
-  q_blk = (start + jnp.arange(Lq)) // K
-  kv_mask = jnp.broadcast_to(key_blk[None, :] <= q_blk[:, None], (batch, Lq, S))
+BLOCK = 32  # decoding block length
+
+
+def _block_mask(batch, S, start, L):
+  """[batch, L, S] block-causal mask of L queries at ``start`` over an S-position cache."""
+  q_blk = (start + jnp.arange(L)) // BLOCK
+  return jnp.broadcast_to(jnp.arange(S)[None, :] // BLOCK <= q_blk[:, None], (batch, L, S))
+
+
+def _decode_inputs(cfg, batch, S, Lq, start):
+  """(kv_mask, positions, random input embeddings) of a decoding forward of Lq queries at ``start``."""
   pos = jnp.broadcast_to(start + jnp.arange(Lq), (batch, Lq))
   emb = jax.random.normal(jax.random.key(1), (batch, Lq, cfg.hidden_size), jnp.bfloat16)
+  return _block_mask(batch, S, start, Lq), pos, emb
+
+
+def bench_forwards(cfg, params, batch, S, Lq, start, *, loop, rounds):
+  """Per-forward seconds of ``loop`` back-to-back cached forwards of Lq queries at ``start``; plus routing."""
+  kv_mask, pos, emb = _decode_inputs(cfg, batch, S, Lq, start)
 
   @functools.partial(jax.jit, compiler_options=model.DECODE_COMPILER_OPTIONS)
   def run(params, cache, emb):
@@ -107,9 +118,7 @@ def bench_forwards(cfg, params, batch, S, Lq, start, *, loop, rounds):
 def profile_forward(cfg, params, batch, S, Lq, routing, top):
   """Prints the kernels of one decoding forward by device time (from a profiler trace)."""
   start = S - Lq
-  kv_mask = jnp.broadcast_to(jnp.arange(S)[None, :] // 32 <= (start + jnp.arange(Lq))[:, None] // 32, (batch, Lq, S))
-  pos = jnp.broadcast_to(start + jnp.arange(Lq), (batch, Lq))
-  emb = jax.random.normal(jax.random.key(1), (batch, Lq, cfg.hidden_size), jnp.bfloat16)
+  kv_mask, pos, emb = _decode_inputs(cfg, batch, S, Lq, start)
   fn = jax.jit(lambda p, c, e: model.forward_cached(p, cfg, c, start=start, kv_mask=kv_mask, embeds=e, positions=pos),
                compiler_options=model.DECODE_COMPILER_OPTIONS)
   times = device_kernel_times(fn, (params, model.init_cache(cfg, batch, S, jnp.bfloat16), emb))
@@ -128,7 +137,7 @@ def split_agreement(cfg, one_device, split, mesh):
   of the split sums flip near-tied argmaxes.)
   """
   tokens = jax.random.randint(jax.random.key(3), (2, 64), 0, cfg.vocab_size)
-  fwd = lambda p: model.forward(p, cfg, tokens=tokens, mask=model.block_causal_mask(64, 32))  # pylint: disable=unnecessary-lambda-assignment
+  fwd = lambda p: model.forward(p, cfg, tokens=tokens, mask=model.block_causal_mask(64, BLOCK))  # pylint: disable=unnecessary-lambda-assignment
   want = np.asarray(jax.jit(fwd)(one_device))
   with jax.set_mesh(mesh):
     got = np.asarray(jax.jit(fwd)(split))
@@ -139,7 +148,7 @@ def split_agreement(cfg, one_device, split, mesh):
 def bench_prefill(cfg, params, S, rounds, L=None):
   """Seconds of one L-token (default S) forward from position 0 into an S-position cache."""
   L = L or S
-  mask = jnp.broadcast_to(jnp.arange(S)[None, :] // 32 <= jnp.arange(L)[:, None] // 32, (1, L, S))
+  mask = _block_mask(1, S, 0, L)
   tokens = jax.random.randint(jax.random.key(2), (1, L), 0, cfg.vocab_size)
   cache = model.init_cache(cfg, 1, S, jnp.bfloat16)
   fn = jax.jit(lambda p, c, t: model.forward_cached(p, cfg, c, start=0, kv_mask=mask, tokens=t, return_hidden=True)[0],
@@ -147,24 +156,21 @@ def bench_prefill(cfg, params, S, rounds, L=None):
   return time_calls(fn, (params, cache, tokens), warmup=1, iters=1, rounds=rounds)
 
 
-def bench_spd_loop(cfg, params, batch, prompt_len, gen, rounds, prefill_s):
-  """(seconds per executed forward, forwards executed per run, nfe) of the compiled SPD program.
+def bench_spd_loop(cfg, params, prompt_len, gen, rounds, prefill_s):
+  """(seconds per executed forward, forwards executed per run, layout) of the compiled SPD program, batch 1.
 
   ``prefill_s`` (the program's prompt prefill, timed separately) is taken off the run time.
   """
-  rng = np.random.default_rng(0)
-  prompts = [rng.integers(0, cfg.vocab_size - 1000, prompt_len).tolist() for _ in range(batch)]
+  prompt = np.random.default_rng(0).integers(0, cfg.vocab_size - 1000, prompt_len).tolist()
   strategy = decoding.SPD(threshold=0.0, confidence_stop=2.0)  # decode a block at once, then revise every step
-  layout, plan = decoding.plan_batch(prompts, gen, 32, cfg)
+  layout, plan = decoding.plan_batch([prompt], gen, BLOCK, cfg)
   rule, hp = decoding._split_strategy(strategy)  # pylint: disable=protected-access
   args = (params, cfg, rule, hp, layout, jnp.asarray(plan["canvas"]), jnp.asarray(plan["shift"]),
           jnp.asarray(plan["n_dec"]), jax.random.key(0), False)
-  fn = lambda *a: decoding._generate_jit(*a)  # pylint: disable=protected-access,unnecessary-lambda
-  out = fn(*args)
-  nfe = np.asarray(out[1])
-  forwards = int(nfe.max())  # lockstep: the batch runs as many forwards as its slowest sequence
-  times = time_calls(fn, args, warmup=0, iters=1, rounds=rounds)
-  return [(t - prefill_s) / forwards for t in times], forwards, nfe.tolist(), layout
+  generate = decoding._generate_jit  # pylint: disable=protected-access
+  forwards = int(np.asarray(generate(*args)[1]).max())
+  times = time_calls(generate, args, warmup=0, iters=1, rounds=rounds)
+  return [(t - prefill_s) / forwards for t in times], forwards, layout
 
 
 def main(argv=None):
@@ -195,7 +201,7 @@ def main(argv=None):
       mesh = sharding.make_mesh(dict((k, int(v)) for k, v in (a.split("=") for a in args.mesh.split(","))))
     except (ValueError, sharding.MeshError) as e:
       ap.error(f"--mesh {args.mesh}: {e}")
-  S, K = 512, 32
+  S, K = 512, BLOCK
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
   bws = copy_bandwidths(4 << 30 if not args.tiny else 1 << 24, warmup=2, iters=5, rounds=5)
@@ -229,14 +235,22 @@ def main(argv=None):
     rows = results["rows"]
     for backend in args.backends.split(","):
       c = dataclasses.replace(cfg, moe_backend=backend)
+      measured = {}  # (routing, batch, queries) -> (times, touched): the SPD comparison reuses forward rows
+
+      def forwards(routing, batch, Lq, c=c, measured=measured):
+        if (routing, batch, Lq) not in measured:
+          set_routing(routing)
+          measured[routing, batch, Lq] = bench_forwards(c, params, batch, S, Lq, S - Lq, loop=args.loop,
+                                                        rounds=args.rounds)
+        return measured[routing, batch, Lq]
+
       set_routing("raw")
       if not args.only_spd:
         pre = bench_prefill(c, params, S, args.rounds)
         rows.append(dict(what="prefill 512", backend=backend, routing="raw", batch=1, **stats(pre)))
       for routing in ([] if args.only_spd else args.routing.split(",")):
-        set_routing(routing)
         for batch in map(int, args.batches.split(",")):
-          times, touched = bench_forwards(c, params, batch, S, K, S - K, loop=args.loop, rounds=args.rounds)
+          times, touched = forwards(routing, batch, K)
           nbytes = forward_bytes(c, touched, batch, S)
           limit = nbytes / bw
           st = stats(times)
@@ -245,16 +259,16 @@ def main(argv=None):
                            implied_tok_s=5.47 * batch / st["median"]))
       if not args.no_spd:
         # Uniform routing here, so the loop and the bare forwards it is compared with touch as many experts.
-        set_routing("uniform")
         prompt_len, gen = K, S - K  # a one-block prompt and 15 decoded blocks: the prefill is negligible
-        t32, _ = bench_forwards(c, params, 1, S, K, S - K, loop=args.loop, rounds=args.rounds)
-        t64, _ = bench_forwards(c, params, 1, S, 2 * K, S - 2 * K, loop=args.loop, rounds=args.rounds)
+        t32, _ = forwards("uniform", 1, K)
+        t64, _ = forwards("uniform", 1, 2 * K)
+        set_routing("uniform")
         prefill_s = statistics.median(bench_prefill(c, params, S, args.rounds, L=K))
-        times, forwards, nfe, layout = bench_spd_loop(c, params, 1, prompt_len, gen, args.rounds, prefill_s)
+        times, n_fwd, layout = bench_spd_loop(c, params, prompt_len, gen, args.rounds, prefill_s)
         blocks = layout.D
-        bare = (blocks * statistics.median(t64) + (forwards - blocks) * statistics.median(t32)) / forwards
+        bare = (blocks * statistics.median(t64) + (n_fwd - blocks) * statistics.median(t32)) / n_fwd
         st = stats(times)
-        rows.append(dict(what="spd loop", backend=backend, routing="uniform", batch=1, **st, forwards=forwards,
+        rows.append(dict(what="spd loop", backend=backend, routing="uniform", batch=1, **st, forwards=n_fwd,
                          forwards_per_s=1 / st["median"], bare_forward=bare, overhead=st["median"] / bare - 1))
     set_routing("raw")
 
