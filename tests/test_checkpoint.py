@@ -17,8 +17,8 @@ from dmax_jax import checkpoint as ckpt_lib
 from dmax_jax.config import load_hf_config
 from dmax_jax.hf import SafetensorsReader, load_hf_checkpoint, save_hf_checkpoint
 from dmax_jax.model import forward
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 

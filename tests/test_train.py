@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +11,8 @@ import pytest
 from dmax_jax import data as data_lib
 from dmax_jax.diffusion import IGNORE
 from dmax_jax.tokenizer import train_tokenizer
+from conftest import REPO, TINY
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO.parent / "shared" / "fixtures" / "llada2_tiny"
-if "DMAX_SHARED" in os.environ:
-  TINY = Path(os.environ["DMAX_SHARED"]) / "fixtures" / "llada2_tiny"
 
 
 def _rows(n, seed=0):

@@ -12,8 +12,8 @@ import optax
 import pytest
 
 from dmax_jax.train_checkpoint import TrainCheckpointer
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _state(seed, data=None):
@@ -113,7 +113,7 @@ _CRASH = textwrap.dedent("""
 
 def test_crash_during_async_save_leaves_previous_step(tmp_path):
   d = str(tmp_path / "ckpt")
-  code = _CRASH.format(repo=REPO, tests=os.path.join(REPO, "tests"), d=d)
+  code = _CRASH.format(repo=str(REPO), tests=os.path.join(REPO, "tests"), d=d)
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
   assert "saving" in out.stdout, out.stderr[-2000:]
   assert any(".orbax-checkpoint-tmp" in n for n in os.listdir(d)), os.listdir(d)  # the save really was cut off
