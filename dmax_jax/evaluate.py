@@ -24,7 +24,6 @@ import numpy as np
 
 from dmax_jax import cli, gsm8k, runner
 from dmax_jax.records import RecordWriter, read_records, record_key
-from dmax_jax.tokenizer import MATH_SUFFIX
 
 KEY_FIELDS = ("strategy", "threshold", "id")
 
@@ -35,15 +34,11 @@ def read_gsm8k(path: str, tokenizer, limit: Optional[int] = None) -> tuple[list[
   def parse(obj, number):
     if not isinstance(obj, dict):
       raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    for field in ("question", "answer"):
-      if not isinstance(obj.get(field), str):
-        raise ValueError(f"needs a string '{field}' field")
-    if not obj["question"].strip():
-      raise ValueError("empty prompt ('question' is empty)")
-    ref = gsm8k.reference_answer(obj["answer"])
-    rid = obj.get("id", number)
-    ids = tokenizer.prompt_ids(obj["question"], MATH_SUFFIX)
-    return runner.Request(rid, "", obj["question"], ids, meta={"reference": ref})
+    if not isinstance(obj.get("answer"), str):
+      raise ValueError("needs a string 'answer' field")
+    text, ids = runner.prompt_from_fields({"question": obj.get("question")}, tokenizer, math=True)
+    return runner.Request(runner.line_id(obj, number), "", text, ids,
+                          meta={"reference": gsm8k.reference_answer(obj["answer"])})
 
   requests, errors = runner.read_jsonl(path, parse)
   return (requests if limit is None else requests[:limit]), errors

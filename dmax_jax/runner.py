@@ -112,7 +112,8 @@ def prompt_from_fields(obj: Any, tokenizer, math: bool) -> tuple[str, list[int]]
   return value, tokenizer.encode(value)
 
 
-def _line_id(obj, number: int):
+def line_id(obj, number: int):
+  """A request's id: the object's "id" (a string or an integer) or else its line number."""
   if isinstance(obj, dict) and "id" in obj:
     value = obj["id"]
     if isinstance(value, bool) or not isinstance(value, (str, int)):
@@ -158,7 +159,7 @@ def read_prompts(path: str, tokenizer, math: bool = False) -> tuple[list[Request
   """The requests of a prompts JSONL file (see the module docstring) and its line errors."""
 
   def parse(obj, number):
-    rid = _line_id(obj, number)
+    rid = line_id(obj, number)
     text, ids = prompt_from_fields(obj, tokenizer, math)
     return Request(rid, "", text, ids)
 
