@@ -36,7 +36,7 @@ import jax
 
 from dmax_jax import arith, decoding, evaluate, gsm8k, runner
 from dmax_jax.records import RecordWriter, read_records
-from dmax_jax.tokenizer import LLADA2_CHAT_TEMPLATE, MATH_SUFFIX, train_tokenizer
+from dmax_jax.tokenizer import LLADA2_CHAT_TEMPLATE, MATH_SUFFIX, compile_chat_template, train_tokenizer
 
 MODELS = ("base", "oput")
 STRATEGIES = ("threshold", "spd")
@@ -73,10 +73,7 @@ def make_data(config, workdir: str) -> tuple[str, str]:
 
 def _render(messages: list[dict]) -> str:
   """A conversation in the chat template (the text the tokenizer will see in training and decoding)."""
-  from jinja2.sandbox import ImmutableSandboxedEnvironment  # pylint: disable=import-outside-toplevel
-
-  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-  return env.from_string(LLADA2_CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=False)
+  return compile_chat_template(LLADA2_CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=False)
 
 
 def make_tokenizer(config, workdir: str, train_path: str) -> str:

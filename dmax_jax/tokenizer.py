@@ -33,6 +33,13 @@ class TokenizerError(ValueError):
   """A tokenizer directory that cannot be used; the message names the file."""
 
 
+def compile_chat_template(template: str):
+  """A chat template compiled in a sandboxed Jinja environment, with Hugging Face's whitespace settings."""
+  from jinja2.sandbox import ImmutableSandboxedEnvironment  # pylint: disable=import-outside-toplevel
+
+  return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+
+
 class ChatTokenizer:
   """``tokenizer.json`` plus the chat template of ``tokenizer_config.json``."""
 
@@ -79,11 +86,7 @@ class ChatTokenizer:
   def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
     """The chat template applied to ``messages`` ([{"role", "content"}, ...])."""
     if self._compiled is None:
-      from jinja2.sandbox import ImmutableSandboxedEnvironment  # pylint: disable=import-outside-toplevel
-
-      template = self.chat_template or LLADA2_CHAT_TEMPLATE
-      env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-      self._compiled = env.from_string(template)
+      self._compiled = compile_chat_template(self.chat_template or LLADA2_CHAT_TEMPLATE)
     special = {k: v for k, v in self.config.items() if k.endswith("_token") and isinstance(v, str)}
     return self._compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt, **special)
 
