@@ -19,6 +19,7 @@ import difflib
 import importlib.util
 import os
 import sys
+import threading
 
 from absl import app, flags, logging
 import ml_collections
@@ -32,6 +33,8 @@ flags.DEFINE_string("coordinator", None, "with --distributed: process 0's host:p
 flags.DEFINE_integer("num_processes", None, "with --distributed: number of processes (default: from the cluster)")
 flags.DEFINE_integer("process_id", None, "with --distributed: this process's id (default: from the cluster)")
 flags.mark_flags_as_required(["config", "workdir"])
+
+LOG_FILE = "train.log"  # WORKDIR/train.log: library warnings and errors
 
 
 def _fail(message: str, status: int):
@@ -102,9 +105,59 @@ def parse_flags(argv):
   return rest
 
 
+class _LazyLog:
+  """A file stream that creates its file (and folder) on the first write: no log file when nothing is logged.
+
+  Writes that fail (a full disk) or come after ``close`` (objects collected at exit) are dropped.
+  """
+
+  def __init__(self, path: str):
+    self.path, self._f, self._closed = path, None, False
+
+  def write(self, text: str) -> None:
+    if self._closed:
+      return
+    try:
+      if self._f is None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._f = open(self.path, "a")
+      self._f.write(text)
+    except OSError:
+      pass  # the run's own error line says what failed
+
+  def flush(self) -> None:
+    try:
+      if self._f is not None and not self._closed:
+        self._f.flush()
+    except OSError:
+      pass
+
+  def close(self) -> None:
+    self._closed = True
+    if self._f is not None:
+      self._f.close()
+
+
+def _log_to_file(path: str) -> None:
+  """Library logs (Orbax's save errors, warnings) and background threads' tracebacks go to ``path``, not stderr.
+
+  stderr keeps the progress bar and this script's one-line messages.
+  """
+  logging.get_absl_handler().python_handler.setStream(_LazyLog(path))
+
+  # Errors that the libraries' threads cannot raise to the caller (tensorstore's callbacks after an
+  # asynchronous save failed); the failure itself reaches the caller and is reported in one line.
+  sys.unraisablehook = lambda args: logging.error(
+      "%s", args.err_msg or "unraisable exception", exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+  threading.excepthook = lambda args: logging.error(
+      "in thread %s", args.thread, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  log_path = os.path.join(flags.FLAGS.workdir, LOG_FILE)
+  _log_to_file(log_path)
   if flags.FLAGS.distributed:
     from dmax_jax import distributed  # pylint: disable=import-outside-toplevel
 
@@ -120,7 +173,7 @@ def main(argv):
   except (trainer.TrainError, MeshError) as e:
     _fail(str(e), 2)
   except trainer.TrainFailed as e:
-    _fail(str(e), 1)
+    _fail(f"{e}{f' (details in {log_path})' if os.path.exists(log_path) else ''}", 1)
   final = os.path.join(flags.FLAGS.workdir, trainer.FINAL_DIR)
   if os.path.isdir(final) and jax.process_index() == 0:
     print(f"wrote {final}")
