@@ -17,6 +17,7 @@ one line on stderr.
 
 import difflib
 import importlib.util
+import logging as std_logging
 import os
 import sys
 import threading
@@ -144,6 +145,7 @@ def _log_to_file(path: str) -> None:
   stderr keeps the progress bar and this script's one-line messages.
   """
   logging.get_absl_handler().python_handler.setStream(_LazyLog(path))
+  std_logging.captureWarnings(True)  # e.g. JAX's "error writing persistent compilation cache entry"
 
   # Errors that the libraries' threads cannot raise to the caller (tensorstore's callbacks after an
   # asynchronous save failed); the failure itself reaches the caller and is reported in one line.
