@@ -458,6 +458,40 @@ def test_metrics_file_truncation_and_json_safety(tmp_path):
       {"step": 1, "a": None, "b": None, "c": 2.0}
 
 
+def test_nonfinite_parameters_are_never_saved(tmp_path, tiny):
+  import jax  # pylint: disable=import-outside-toplevel
+  from dmax_jax import trainer
+  from dmax_jax.train_checkpoint import TrainCheckpointer
+
+  _, params = tiny
+  state = {"params": params, "opt_state": {}, "rng": jax.random.PRNGKey(0)}
+  ck = TrainCheckpointer(str(tmp_path / "checkpoints"), async_save=False)
+  trainer._save(ck, 1, state, data_lib.DataPosition())  # pylint: disable=protected-access
+  bad = jax.tree.map(lambda x: x, params)
+  bad["final_norm"] = bad["final_norm"].at[0].set(np.inf)
+  with pytest.raises(trainer.TrainFailed, match=r"step 2: the parameters are not finite; not saved \(latest "
+                                                 r"checkpoint: step 1\)"):
+    trainer._save(ck, 2, dict(state, params=bad), data_lib.DataPosition())  # pylint: disable=protected-access
+  assert ck.all_steps() == [1]
+  ck.close()
+
+
+def test_final_is_replaced_whole(tmp_path, tiny, workspace):
+  import jax  # pylint: disable=import-outside-toplevel
+  from dmax_jax import trainer
+  from dmax_jax.checkpoint import load_checkpoint
+
+  cfg, params = tiny
+  trainer.write_final(params, cfg, str(tmp_path), str(workspace / "tok"))
+  doubled = jax.tree.map(lambda x: 2 * x, params)
+  trainer.write_final(doubled, cfg, str(tmp_path), str(workspace / "tok"))
+  assert sorted(os.listdir(tmp_path)) == ["final"]  # no .new / .old / .partial left
+  assert sorted(os.listdir(tmp_path / "final")) == ["config.json", "params", "special_tokens_map.json",
+                                                    "tokenizer.json", "tokenizer_config.json"]
+  _, got = load_checkpoint(str(tmp_path / "final"))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, doubled)
+
+
 def _tensorboard_scalars(logdir):
   """{tag: {step: value}} read back from the event files: TFRecord framing parsed here, Event protos decoded."""
   import struct  # pylint: disable=import-outside-toplevel
