@@ -279,6 +279,8 @@ def test_killed_run_resumes_to_the_same_result(workspace, tmp_path, compile_cach
   _, want = _metrics(full)
   # The steps after the restored checkpoint were dropped before being trained again: each step once, in order.
   assert [r["step"] for r in rows] == sorted(want) == list(range(1, 7))
+  assert _tensorboard_scalars(crash / "tensorboard")["train/loss"] == pytest.approx(
+      {s: r["loss"] for s, r in by_step.items()}, rel=1e-6)
   for s in want:
     assert by_step[s]["loss"] == pytest.approx(want[s]["loss"], rel=1e-6)
   import jax  # pylint: disable=import-outside-toplevel
@@ -493,7 +495,11 @@ def test_final_is_replaced_whole(tmp_path, tiny, workspace):
 
 
 def _tensorboard_scalars(logdir):
-  """{tag: {step: value}} read back from the event files: TFRecord framing parsed here, Event protos decoded."""
+  """{tag: {step: value}} read back from the event files: TFRecord framing parsed here, Event protos decoded.
+
+  Like TensorBoard, a step at or below one already seen (a resumed run's
+  first step) discards the events from that step on.
+  """
   import struct  # pylint: disable=import-outside-toplevel
 
   from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
@@ -507,7 +513,9 @@ def _tensorboard_scalars(logdir):
       event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
       pos += 12 + length + 4  # length, its crc, the record, its crc
       for v in event.summary.value:
-        out.setdefault(v.tag, {})[event.step] = v.simple_value
+        series = {k: x for k, x in out.get(v.tag, {}).items() if k < event.step}
+        series[event.step] = v.simple_value
+        out[v.tag] = series
   return out
 
 
