@@ -23,7 +23,8 @@ structure (NamedTuples of optax states become dicts), so train.py should pass it
 Saves are asynchronous: ``save`` returns once the arrays are copied off the
 devices and writes continue in the background. Each step is written to a
 temporary directory and renamed when complete, so a crash during a save
-leaves the previous step as the latest usable one. Only the newest
+leaves the previous step as the latest usable one (its temporary directory
+is removed when the next ``TrainCheckpointer`` opens the directory). Only the newest
 ``max_to_keep`` steps are kept.
 """
 
@@ -51,6 +52,7 @@ class TrainCheckpointer:
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
+        cleanup_tmp_directories=True,  # unfinished saves of a killed run
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_ARRAYS, _META))
 

@@ -12,16 +12,28 @@ micro-steps (gradient accumulation, a ``lax.scan``) of M = micro_batch_size x
 batch shards rows each. Every row's noise comes from fold_in(step key, row),
 and the loss is the cross-entropy sum over the global batch divided by its
 labelled-position count, so the step is the same for any A and any mesh.
+
+A run ends with ``WORKDIR/final``: the parameters as a params checkpoint
+(the layout ``tools/convert_hf.py`` writes) with the tokenizer, which
+``decode.py``, ``tools/evaluate.py`` and ``tools/export_hf.py`` take.
+
+Errors: ``TrainError`` for a bad setup (nothing trained), ``TrainFailed`` for
+a run that started and could not go on (a non-finite loss, a failed write);
+neither leaves a half-written checkpoint or a non-finite one behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import glob
+import math
 import os
+import re
+import shutil
 import signal
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,19 +42,76 @@ import optax
 
 from dmax_jax import data as data_lib
 from dmax_jax import losses, sharding
-from dmax_jax.config import ModelConfig, load_hf_config
-from dmax_jax.checkpoint import load_any
+from dmax_jax.checkpoint import load_any, save_checkpoint
+from dmax_jax.config import MOE_BACKENDS, ModelConfig, load_hf_config
 from dmax_jax.hf import CheckpointError
 from dmax_jax.optim import make_optimizer
 from dmax_jax.params import init_params
 from dmax_jax.tokenizer import load_tokenizer
 from dmax_jax.train_checkpoint import TrainCheckpointer
+from dmax_jax.train_log import METRICS_FILE, MetricsLog
 
-METRICS_FILE = "metrics.jsonl"
+FINAL_DIR = "final"  # WORKDIR/final: the trained params checkpoint plus tokenizer
 
 
 class TrainError(ValueError):
   """A user error in the training setup (missing checkpoint, bad data, bad sizes)."""
+
+
+class TrainFailed(RuntimeError):
+  """A run that started but could not go on (non-finite loss or parameters, a failed write)."""
+
+
+# ---------------------------------------------------------------- config checks
+
+_INF = math.inf
+# key: (holds, what it must be). Every number a run reads, with the range it makes sense in.
+_RANGES = {
+    "optim.lr": (lambda v: 0 < v < _INF, "a finite number > 0"),
+    "optim.b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.eps": (lambda v: 0 < v < _INF, "a finite number > 0"),
+    "optim.weight_decay": (lambda v: 0 <= v < _INF, "a finite number >= 0"),
+    "optim.warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.clip_norm": (lambda v: 0 < v < _INF, "a finite number > 0"),
+    "train.global_batch_size": (lambda v: v >= 1, ">= 1"),
+    "train.micro_batch_size": (lambda v: v >= 1, ">= 1"),
+    "train.max_steps": (lambda v: v >= 0, ">= 0 (0 = run config.train.epochs)"),
+    "train.epochs": (lambda v: v >= 0, ">= 0"),
+    "train.save_every": (lambda v: v >= 0, ">= 0 (0 = final checkpoint only)"),
+    "train.keep_checkpoints": (lambda v: v >= 1, ">= 1"),
+    "train.debug_kill_at_step": (lambda v: v >= 0, ">= 0"),
+    "data.max_seq_len": (lambda v: v >= 2, ">= 2"),
+    "objective.block_size": (lambda v: v >= 1, ">= 1"),
+    "objective.noise_low": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "objective.noise_high": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "compute_dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
+    "moe_backend": (lambda v: v in MOE_BACKENDS, " or ".join(MOE_BACKENDS)),
+}
+
+
+def _get(config, key: str):
+  node = config
+  for part in key.split("."):
+    if part not in node:
+      raise TrainError(f"config.{key}: missing (every config starts from configs/base.py)")
+    node = node[part]
+  return node
+
+
+def check_config(config) -> None:
+  """Raises ``TrainError`` naming the first key whose value is out of range."""
+  for key, (holds, want) in _RANGES.items():
+    v = _get(config, key)
+    ok = isinstance(v, str) if key in ("compute_dtype", "moe_backend") else (
+        isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v))
+    if not (ok and holds(v)):
+      raise TrainError(f"config.{key}={v!r}: must be {want}")
+  if config.objective.noise_low > config.objective.noise_high:
+    raise TrainError(f"config.objective.noise_low={config.objective.noise_low!r}: must be <= "
+                     f"config.objective.noise_high={config.objective.noise_high!r}")
+  if config.train.max_steps == 0 and config.train.epochs == 0:
+    raise TrainError("config.train.epochs=0: must be >= 1 when config.train.max_steps is 0")
 
 
 # ---------------------------------------------------------------- the step
@@ -125,15 +194,27 @@ def initial_params(config, cfg: ModelConfig, shardings):
   return params
 
 
+def tokenizer_dir(config) -> str:
+  """The run's tokenizer directory: ``config.data.tokenizer``, else the ``init_from`` checkpoint's."""
+  tok_dir = config.data.tokenizer or config.init_from
+  if tok_dir == "scratch":
+    raise TrainError("config.data.tokenizer: a scratch run needs a tokenizer directory")
+  return tok_dir
+
+
 def load_data(config, cfg: ModelConfig) -> data_lib.Dataset:
   d = config.data
   if not d.path:
     raise TrainError("config.data.path: no training data given")
-  tok_dir = d.tokenizer or config.init_from
-  if tok_dir == "scratch":
-    raise TrainError("config.data.tokenizer: a scratch run needs a tokenizer directory")
+  if d.max_seq_len > cfg.max_position_embeddings:
+    raise TrainError(f"config.data.max_seq_len={d.max_seq_len}: must be <= the model's max_position_embeddings "
+                     f"({cfg.max_position_embeddings})")
+  tok_dir = tokenizer_dir(config)
   try:
     tok = load_tokenizer(tok_dir)
+    if tok.vocab_size > cfg.vocab_size:
+      raise TrainError(f"{tok_dir}: the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
+                       f"{cfg.vocab_size}; use the model's own tokenizer (config.data.tokenizer)")
     return data_lib.build_dataset(
         d.path, tok, d.max_seq_len, cfg.eos_token_id, oput=config.objective.oput, prompt_suffix=d.prompt_suffix
     )
@@ -266,52 +347,151 @@ def abstract_batch(mesh, p: Plan, seq_len: int) -> dict:
                       _batch_shardings(mesh, host))
 
 
+# ---------------------------------------------------------------- writes
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def _reason(e: BaseException) -> str:
+  """Why a write failed, in a few words: the OS error when one is named (tensorstore names it in its message)."""
+  code = getattr(e, "errno", None)
+  if not code:
+    m = _OS_ERROR_CODE.search(str(e))
+    code = int(m.group(1)) if m else None
+  return os.strerror(code) if code else (str(e).splitlines() or [type(e).__name__])[0][:300]
+
+
+@contextlib.contextmanager
+def _writing(what: str, errors=(OSError, ValueError, RuntimeError)):
+  """Turns a failed write under ``what`` (disk full, no permission) into a one-line ``TrainFailed``.
+
+  Orbax and tensorstore report I/O errors as ``ValueError``/``RuntimeError``
+  (an asynchronous save's error surfaces at the next save or wait), plain
+  file writes as ``OSError``.
+  """
+  try:
+    yield
+  except (TrainFailed, TrainError):
+    raise
+  except errors as e:
+    raise TrainFailed(f"{what}: write failed ({_reason(e)})") from None
+
+
+def _save(ckpt: TrainCheckpointer, step: int, state, pos, force: bool = False) -> None:
+  """Saves ``state`` as checkpoint ``step``, unless its parameters are not finite."""
+  if not bool(_all_finite(state["params"])):
+    raise TrainFailed(f"{ckpt.directory}: step {step}: the parameters are not finite; not saved (latest checkpoint: step "
+                      f"{ckpt.latest_step()})")
+  with _writing(ckpt.directory):
+    ckpt.save(step, _to_saved(state, pos), force=force)
+
+
+def _abandon(ckpt: TrainCheckpointer, lead: bool) -> None:
+  """After a failure: lets finished saves complete, and removes unfinished ones (Orbax's ``*.orbax-checkpoint-tmp``)."""
+  try:
+    ckpt.close()
+  except Exception:  # pylint: disable=broad-except
+    pass  # the failure being reported is the one that counts
+  if lead:
+    for path in glob.glob(os.path.join(ckpt.directory, "*.orbax-checkpoint-tmp*")):
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def write_final(params, cfg: ModelConfig, workdir: str, tok_dir: str) -> str:
+  """``workdir/final``: the params checkpoint (``convert_hf``'s layout) plus the tokenizer, replaced atomically.
+
+  It is written beside the old one and renamed over it, so ``final`` is
+  always either the previous complete result or the new one.
+  """
+  final = os.path.join(workdir, FINAL_DIR)
+  new, old = final + ".new", final + ".old"
+  for path in (new, new + ".partial", old):
+    shutil.rmtree(path, ignore_errors=True)
+  with _writing(final):
+    save_checkpoint(params, cfg, new, tokenizer_dir=tok_dir)
+    if os.path.exists(final):
+      os.rename(final, old)
+    os.rename(new, final)
+  shutil.rmtree(old, ignore_errors=True)
+  return final
+
+
 # ---------------------------------------------------------------- the loop
 
 
-def train(config, workdir: str, progress: bool = True) -> dict[str, Any]:
-  """Runs (or resumes) training in ``workdir``; returns the final state."""
+def train(config, workdir: str, progress: bool = True,
+          on_resume: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
+  """Runs (or resumes) training in ``workdir``; returns the final state.
+
+  ``on_resume(step)`` is called when the run continues from checkpoint
+  ``step``. On one process the run ends by writing ``workdir/final``
+  (``write_final``); several processes leave the training checkpoints only.
+  """
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
+  check_config(config)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   cfg, ds, p, tx, sched = build(config, mesh)
   obj = objective_from(config)
   os.makedirs(workdir, exist_ok=True)
+  lead = jax.process_index() == 0  # on several hosts, one writes the metrics and shows progress
   ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints,
                            async_save=config.train.async_save)
-  if ckpt.latest_step() is not None:
-    state, pos = _from_saved(ckpt.restore(abstract_state=abstract_state(config, cfg, tx, mesh)), mesh)
-  else:
-    state, pos = fresh_state(config, cfg, tx, mesh), data_lib.DataPosition()
-  step_fn = jit_step(cfg, obj, tx, sched, mesh, state)
-  start = int(state["step"])
-  stream = data_lib.batches(ds, p.global_batch, config.train.seed, pos)
-  tokens_per_step = p.global_batch * config.data.max_seq_len
-  save_every = config.train.save_every
-  kill_at = config.train.debug_kill_at_step
-  lead = jax.process_index() == 0  # on several hosts, one writes the metrics and shows progress
-  with open(os.path.join(workdir, METRICS_FILE) if lead else os.devnull, "a") as mlog, \
-      tqdm(total=p.total_steps, initial=start, desc="train", unit="step", disable=not (progress and lead)) as bar:
-    for step in range(start + 1, p.total_steps + 1):
-      host_batch, pos = next(stream)
-      t0 = time.perf_counter()
-      state, m = step_fn(state, put_batch(shape_batch(host_batch, p), mesh))
-      m = {k: float(v) for k, v in m.items()}
-      dt = time.perf_counter() - t0
-      row = {"step": step, "epoch": pos.epoch, "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
-             "tokens_per_s": tokens_per_step / dt, "step_time": dt}
-      mlog.write(json.dumps(row) + "\n")
-      mlog.flush()
-      bar.set_postfix(loss=f"{m['loss']:.4f}", gnorm=f"{m['grad_norm']:.3f}", lr=f"{m['lr']:.2e}",
-                      tok_s=f"{row['tokens_per_s']:.0f}")
-      bar.update(1)
-      if save_every and step % save_every == 0:
-        ckpt.save(step, _to_saved(state, pos))
-      if kill_at and step == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)  # a hard crash, for the resume test
-  ckpt.wait()
-  if ckpt.latest_step() != p.total_steps:
-    ckpt.save(p.total_steps, _to_saved(state, pos), force=True)
-  ckpt.wait()
-  ckpt.close()
+  try:
+    if ckpt.latest_step() is not None:
+      state, pos = _from_saved(ckpt.restore(abstract_state=abstract_state(config, cfg, tx, mesh)), mesh)
+      if on_resume is not None:
+        on_resume(int(state["step"]))
+    else:
+      state, pos = fresh_state(config, cfg, tx, mesh), data_lib.DataPosition()
+    step_fn = jit_step(cfg, obj, tx, sched, mesh, state)
+    start = int(state["step"])
+    stream = data_lib.batches(ds, p.global_batch, config.train.seed, pos)
+    tokens_per_step = p.global_batch * config.data.max_seq_len
+    save_every = config.train.save_every
+    kill_at = config.train.debug_kill_at_step
+    metrics_path = os.path.join(workdir, METRICS_FILE)
+    with _writing(metrics_path, OSError):
+      mlog = MetricsLog(workdir, start, enabled=lead)
+    with mlog, tqdm(total=p.total_steps, initial=start, desc="train", unit="step",
+                    disable=not (progress and lead)) as bar:
+      for step in range(start + 1, p.total_steps + 1):
+        host_batch, pos = next(stream)
+        t0 = time.perf_counter()
+        state, m = step_fn(state, put_batch(shape_batch(host_batch, p), mesh))
+        m = {k: float(v) for k, v in m.items()}
+        dt = time.perf_counter() - t0
+        row = {"step": step, "epoch": pos.epoch, "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
+               "tokens_per_s": tokens_per_step / dt, "step_time": dt}
+        with _writing(metrics_path, OSError):
+          mlog.write(row)
+        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+          with _writing(ckpt.directory):
+            ckpt.wait()
+          raise TrainFailed(f"{workdir}: step {step}: the loss is {m['loss']} (gradient norm {m['grad_norm']}); stopped without "
+                            f"saving it (latest checkpoint: step {ckpt.latest_step()}; try a lower config.optim.lr)")
+        bar.set_postfix(loss=f"{m['loss']:.4f}", gnorm=f"{m['grad_norm']:.3f}", lr=f"{m['lr']:.2e}",
+                        tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.update(1)
+        if save_every and step % save_every == 0:
+          _save(ckpt, step, state, pos)
+        if kill_at and step == kill_at:
+          os.kill(os.getpid(), signal.SIGKILL)  # a hard crash, for the resume test
+    with _writing(ckpt.directory):
+      ckpt.wait()
+    if ckpt.latest_step() != p.total_steps:
+      _save(ckpt, p.total_steps, state, pos, force=True)
+    with _writing(ckpt.directory):
+      ckpt.close()
+  except BaseException:
+    _abandon(ckpt, lead)
+    raise
+  if jax.process_count() == 1:
+    write_final(state["params"], cfg, workdir, tokenizer_dir(config))
   return state

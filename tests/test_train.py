@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -36,10 +37,18 @@ def workspace(tmp_path_factory):
   return root
 
 
-def _env():
+def _env(compile_cache=None):
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
+  if compile_cache:  # runs of the same config compile the same step: compile it once
+    env["JAX_COMPILATION_CACHE_DIR"] = str(compile_cache)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   return env
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("jax_cache")
 
 
 # ------------------------------------------------------------------ configs
@@ -223,9 +232,13 @@ def _train_cmd(workspace, workdir, *extra):
           *extra]
 
 
+def _strict_json(line):
+  return json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+
 def _metrics(workdir):
-  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  return rows, {r["step"]: r for r in rows}  # the last entry of each step wins
+  rows = [_strict_json(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  return rows, {r["step"]: r for r in rows}
 
 
 def _final_params(workdir, on_one_device=False):
@@ -249,10 +262,8 @@ def _final_params(workdir, on_one_device=False):
   return state["params"]
 
 
-def test_killed_run_resumes_to_the_same_result(workspace, tmp_path):
-  env = _env()
-  env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")  # the three runs compile the same step
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+def test_killed_run_resumes_to_the_same_result(workspace, tmp_path, compile_cache):
+  env = _env(compile_cache)
   full, crash = tmp_path / "full", tmp_path / "crash"
   subprocess.run(_train_cmd(workspace, full), cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
   killed = subprocess.run(_train_cmd(workspace, crash, "--config.train.debug_kill_at_step=5"), cwd=REPO, env=env,
@@ -260,12 +271,16 @@ def test_killed_run_resumes_to_the_same_result(workspace, tmp_path):
   assert killed.returncode == -9
   rows, _ = _metrics(crash)
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
-  subprocess.run(_train_cmd(workspace, crash), cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+  resumed = subprocess.run(_train_cmd(workspace, crash), cwd=REPO, env=env, check=True, capture_output=True,
+                           text=True, timeout=600)
+  said = [line for line in resumed.stdout.splitlines() if line.startswith("resuming from step")]
+  assert said in (["resuming from step 2"], ["resuming from step 4"]), resumed.stdout  # not from scratch
   rows, by_step = _metrics(crash)
-  restart = [r["step"] for r in rows][5]
-  assert restart in (3, 5)  # resumed from checkpoint 2 or 4, not from scratch
   _, want = _metrics(full)
-  assert sorted(by_step) == sorted(want) == list(range(1, 7))
+  # The steps after the restored checkpoint were dropped before being trained again: each step once, in order.
+  assert [r["step"] for r in rows] == sorted(want) == list(range(1, 7))
+  assert _tensorboard_scalars(crash / "tensorboard")["train/loss"] == pytest.approx(
+      {s: r["loss"] for s, r in by_step.items()}, rel=1e-6)
   for s in want:
     assert by_step[s]["loss"] == pytest.approx(want[s]["loss"], rel=1e-6)
   import jax  # pylint: disable=import-outside-toplevel
@@ -312,6 +327,232 @@ def test_cli_one_line_errors(workspace, tmp_path):
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert no_data.returncode == 2
   assert no_data.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing.jsonl'}: no such file"
+
+
+def _run_train(args, compile_cache=None, **kw):
+  return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=_env(compile_cache), capture_output=True,
+                        text=True, timeout=600, **kw)
+
+
+def _one_error_line(proc, status):
+  """The run's single stderr line (an ``error: ...``), after checking the exit status and that nothing else was said."""
+  assert proc.returncode == status, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+  return lines[0]
+
+
+def test_setup_errors_are_one_line_and_write_nothing(workspace, tmp_path):
+  """Bad flags, config files, override keys, config values and a too-large tokenizer: exit 2, one line, no workdir."""
+  big_tok = tmp_path / "tok_big"
+  train_tokenizer(["What is 1 plus 2? 1 plus 2 makes 3."] * 8, 1024, str(big_tok))
+  work = tmp_path / "work"
+  base = ["--config=configs/tiny.py", f"--workdir={work}", f"--config.init_from={TINY}",
+          f"--config.data.path={workspace / 'data.jsonl'}", f"--config.data.tokenizer={workspace / 'tok'}",
+          "--config.data.max_seq_len=32", "--noprogress"]
+  cases = [
+      (base + ["--config.bogus=1"], "error: --config.bogus: the config has no key config.bogus"),
+      (base + ["--config.optim.lrr=1"],
+       "error: --config.optim.lrr: the config has no key config.optim.lrr (did you mean config.optim.lr?)"),
+      ([f"--config={tmp_path / 'nope.py'}", f"--workdir={work}"],
+       f"error: {tmp_path / 'nope.py'}: no such config file (--config)"),
+      (base + ["--config.optim.lr=-1"], "error: config.optim.lr=-1.0: must be a finite number > 0"),
+      (base + ["--config.train.micro_batch_size=0"], "error: config.train.micro_batch_size=0: must be >= 1"),
+      (base + ["--config.objective.noise_low=0.9", "--config.objective.noise_high=0.5"],
+       "error: config.objective.noise_low=0.9: must be <= config.objective.noise_high=0.5"),
+      (base + [f"--config.data.tokenizer={big_tok}"],
+       f"error: {big_tok}: the tokenizer has 1024 tokens, more than the model's vocab_size 512; use the model's own"
+       " tokenizer (config.data.tokenizer)"),
+  ]
+  for args, want in cases:
+    proc = _run_train(args)
+    assert _one_error_line(proc, 2) == want
+    assert not work.exists(), args  # nothing written for a run that never started
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("optim.b2", 1.0, "in [0, 1)"), ("optim.warmup_ratio", -0.1, "in [0, 1)"), ("optim.clip_norm", 0.0, "> 0"),
+    ("optim.eps", float("nan"), "> 0"), ("train.global_batch_size", 0, ">= 1"), ("train.max_steps", -1, ">= 0"),
+    ("train.keep_checkpoints", 0, ">= 1"), ("data.max_seq_len", 1, ">= 2"), ("objective.block_size", 0, ">= 1"),
+    ("objective.noise_high", 0.0, "in (0, 1]"), ("objective.noise_low", 1.5, "in [0, 1]"),
+    ("compute_dtype", "float8", "float32, bfloat16 or float16"),
+])
+def test_check_config_names_the_key(key, value, message):
+  from configs import tiny
+  from dmax_jax import trainer
+
+  c = tiny.get_config()
+  trainer.check_config(c)  # the shipped config passes
+  node = c
+  for part in key.split(".")[:-1]:
+    node = node[part]
+  node[key.split(".")[-1]] = value
+  with pytest.raises(trainer.TrainError) as e:
+    trainer.check_config(c)
+  assert str(e.value).startswith(f"config.{key}=") and message in str(e.value)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_finite_checkpoint(workspace, tmp_path):
+  work = tmp_path / "work"
+  proc = _run_train(_train_cmd(workspace, work, "--config.optim.lr=1e30", "--config.train.save_every=1",
+                               "--noprogress")[2:])
+  line = _one_error_line(proc, 1)
+  # Step 1 moves every weight by ~lr; step 2's forward overflows.
+  assert line.startswith(f"error: {work}: step 2: the loss is nan") and "latest checkpoint: step 1" in line, line
+  rows, _ = _metrics(work)  # strict JSON: the non-finite loss is null
+  assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] > 0 and rows[1]["loss"] is None
+  from dmax_jax.train_checkpoint import TrainCheckpointer
+
+  ck = TrainCheckpointer(os.path.join(work, "checkpoints"), async_save=False)
+  assert ck.all_steps() == [1]
+  params = ck.restore()["params"]
+  ck.close()
+  import jax  # pylint: disable=import-outside-toplevel
+
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+  assert not (work / "final").exists()
+
+
+_WITH_FILE_SIZE_LIMIT = """
+import os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+os.execv(sys.argv[2], sys.argv[2:])  # the command, under the limit
+"""
+
+
+def test_failed_checkpoint_write_is_one_line_and_leaves_no_temporary_directory(workspace, tmp_path, compile_cache):
+  """A write that fails like a full disk (a file-size limit: write(2) fails with EFBIG instead of ENOSPC, on any
+  Linux and without root) through Orbax's asynchronous save: one line, exit 1, no temporary directory left."""
+  work = tmp_path / "work"
+  cache = tmp_path / "jax_cache"  # a copy: the limit would leave truncated entries in the shared cache
+  shutil.copytree(compile_cache, cache)
+  cmd = [sys.executable, "-c", _WITH_FILE_SIZE_LIMIT, "100000"] + _train_cmd(workspace, work, "--noprogress")
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(cache), capture_output=True, text=True, timeout=600)
+  line = _one_error_line(proc, 1)  # metrics fit under the limit, a checkpoint does not
+  assert line == f"error: {work}/checkpoints: write failed (File too large) (details in {work}/train.log)"
+  leftovers = [os.path.join(d, n) for d, dirs, files in os.walk(work) for n in dirs + files if "tmp" in n]
+  assert leftovers == []
+  assert os.listdir(work / "checkpoints") == [] and not (work / "final").exists()
+  steps = [r["step"] for r in _metrics(work)[0]]
+  # The step-2 save failed in the background; its error surfaced at the next save (step 4), which stopped the run.
+  assert steps == [1, 2, 3, 4], steps
+
+
+def test_write_failure_reason_names_the_os_error():
+  from dmax_jax import trainer
+
+  tensorstore_style = ValueError('OUT_OF_RANGE: Error writing "x" in OCDBT database: Failed to write 1274 bytes to '
+                                 "file 18: No space left on device [os_error_code='28']")
+  assert trainer._reason(tensorstore_style) == os.strerror(28) == "No space left on device"  # pylint: disable=protected-access
+  assert trainer._reason(OSError(28, "x")) == "No space left on device"  # pylint: disable=protected-access
+
+
+def test_metrics_file_truncation_and_json_safety(tmp_path):
+  from dmax_jax import train_log
+
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+  train_log.truncate_metrics(str(path), 3)  # a resume from checkpoint 3; the torn last line is dropped too
+  assert [r["step"] for r in map(_strict_json, path.read_text().splitlines())] == [1, 2, 3]
+  assert train_log.json_safe({"step": 1, "a": float("nan"), "b": float("-inf"), "c": 2.0}) == \
+      {"step": 1, "a": None, "b": None, "c": 2.0}
+
+
+def test_nonfinite_parameters_are_never_saved(tmp_path, tiny):
+  import jax  # pylint: disable=import-outside-toplevel
+  from dmax_jax import trainer
+  from dmax_jax.train_checkpoint import TrainCheckpointer
+
+  _, params = tiny
+  state = {"params": params, "opt_state": {}, "rng": jax.random.PRNGKey(0)}
+  ck = TrainCheckpointer(str(tmp_path / "checkpoints"), async_save=False)
+  trainer._save(ck, 1, state, data_lib.DataPosition())  # pylint: disable=protected-access
+  bad = jax.tree.map(lambda x: x, params)
+  bad["final_norm"] = bad["final_norm"].at[0].set(np.inf)
+  with pytest.raises(trainer.TrainFailed, match=r"step 2: the parameters are not finite; not saved \(latest "
+                                                 r"checkpoint: step 1\)"):
+    trainer._save(ck, 2, dict(state, params=bad), data_lib.DataPosition())  # pylint: disable=protected-access
+  assert ck.all_steps() == [1]
+  ck.close()
+
+
+def test_final_is_replaced_whole(tmp_path, tiny, workspace):
+  import jax  # pylint: disable=import-outside-toplevel
+  from dmax_jax import trainer
+  from dmax_jax.checkpoint import load_checkpoint
+
+  cfg, params = tiny
+  trainer.write_final(params, cfg, str(tmp_path), str(workspace / "tok"))
+  doubled = jax.tree.map(lambda x: 2 * x, params)
+  trainer.write_final(doubled, cfg, str(tmp_path), str(workspace / "tok"))
+  assert sorted(os.listdir(tmp_path)) == ["final"]  # no .new / .old / .partial left
+  assert sorted(os.listdir(tmp_path / "final")) == ["config.json", "params", "special_tokens_map.json",
+                                                    "tokenizer.json", "tokenizer_config.json"]
+  _, got = load_checkpoint(str(tmp_path / "final"))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, doubled)
+
+
+def _tensorboard_scalars(logdir):
+  """{tag: {step: value}} read back from the event files: TFRecord framing parsed here, Event protos decoded.
+
+  Like TensorBoard, a step at or below one already seen (a resumed run's
+  first step) discards the events from that step on.
+  """
+  import struct  # pylint: disable=import-outside-toplevel
+
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+
+  out = {}
+  for name in sorted(os.listdir(logdir)):
+    data = open(os.path.join(logdir, name), "rb").read()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4  # length, its crc, the record, its crc
+      for v in event.summary.value:
+        series = {k: x for k, x in out.get(v.tag, {}).items() if k < event.step}
+        series[event.step] = v.simple_value
+        out[v.tag] = series
+  return out
+
+
+def test_train_result_is_usable_and_logged_to_tensorboard(workspace, tmp_path, compile_cache):
+  """WORKDIR/final is what decode.py, tools/evaluate.py and tools/export_hf.py take; TensorBoard has metrics.jsonl."""
+  work = tmp_path / "work"
+  proc = _run_train(_train_cmd(workspace, work, "--noprogress")[2:], compile_cache)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().splitlines()[-1] == f"wrote {work / 'final'}"
+  rows, _ = _metrics(work)
+  scalars = _tensorboard_scalars(work / "tensorboard")
+  for key in ("loss", "grad_norm", "lr", "tokens_per_s", "step_time", "epoch"):
+    assert scalars[f"train/{key}"] == pytest.approx({r["step"]: r[key] for r in rows}, rel=1e-6), key
+  # final holds the last step's parameters of the training checkpoint.
+  from dmax_jax.checkpoint import load_checkpoint
+  from dmax_jax.train_checkpoint import TrainCheckpointer
+  import jax  # pylint: disable=import-outside-toplevel
+
+  _, final = load_checkpoint(str(work / "final"))
+  ck = TrainCheckpointer(os.path.join(work, "checkpoints"), async_save=False)
+  assert ck.latest_step() == 6
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), final,
+               ck.restore()["params"])
+  ck.close()
+  assert sorted(set(os.listdir(work)) - {"train.log"}) == ["checkpoints", "final", "metrics.jsonl", "tensorboard"]
+  gsm = tmp_path / "gsm.jsonl"
+  gsm.write_text(json.dumps({"question": "What is 1 plus 2?", "answer": "1 plus 2 makes 3.\n#### 3"}) + "\n")
+  small = ["--gen-length=8", "--block-length=8", "--no-progress"]  # evaluate reuses decode's compiled programs
+  for cmd in ([sys.executable, "decode.py", "--checkpoint", str(work / "final"), "--prompt", "What is 1 plus 2?",
+               "--strategy=threshold", "--threshold=0.9", *small],
+              [sys.executable, "tools/evaluate.py", "--checkpoint", str(work / "final"), "--data", str(gsm),
+               "--output", str(tmp_path / "eval" / "records.jsonl"), "--strategies=threshold", "--thresholds=0.9",
+               *small],
+              [sys.executable, "tools/export_hf.py", "--checkpoint", str(work / "final"), "--out", str(tmp_path / "hf")]):
+    done = subprocess.run(cmd, cwd=REPO, env=_env(compile_cache), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (cmd[1], done.stderr[-3000:])
+  assert os.path.exists(tmp_path / "hf" / "tokenizer.json") and os.path.exists(tmp_path / "hf" / "model.safetensors")
 
 
 def _free_port():
