@@ -16,7 +16,36 @@ from typing import Iterable, Optional, Sequence
 
 
 class RecordsError(ValueError):
-  """An output file that cannot be resumed (a corrupt line before the last)."""
+  """An output file that cannot be used: not writable, a directory, or not resumable (a corrupt line)."""
+
+
+def check_writable(path: str) -> None:
+  """Raises RecordsError unless ``path`` can be written as a file (its folder exists or can be made)."""
+  if os.path.isdir(path):
+    raise RecordsError(f"{path}: is a directory, not a file")
+  folder = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(folder):  # the nearest existing folder must let us create the rest
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    raise RecordsError(f"{path}: cannot be created ({folder} is not a directory)")
+  if not os.access(folder if not os.path.exists(path) else path, os.W_OK):
+    raise RecordsError(f"{path}: not writable")
+
+
+def write_atomic(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` through a temporary file renamed over it: a failed write (a full disk) leaves
+  the old file, or none, never half a file; the OSError names ``path``."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise OSError(e.errno, e.strerror or str(e), path) from None
 
 
 def record_key(record: dict, fields: Sequence[str]) -> tuple:
@@ -50,10 +79,14 @@ class RecordWriter:
     self.path, self.key_fields = path, tuple(key_fields)
     self.existing: list[dict] = []
     if path is not None:
+      check_writable(path)
       self.existing = read_records(path)
-      _drop_torn_tail(path)
-      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-      self._file = open(path, "a", encoding="utf-8")
+      try:
+        _drop_torn_tail(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._file = open(path, "ab", buffering=0)  # unbuffered: a failed write leaves nothing pending
+      except OSError as e:
+        raise RecordsError(f"{path}: cannot be written ({e.strerror or e})") from None
     else:
       self._file = stream
     self.done = {record_key(r, self.key_fields) for r in self.existing}
@@ -62,12 +95,24 @@ class RecordWriter:
     return record_key(record, self.key_fields) in self.done
 
   def write(self, records: Iterable[dict]):
-    for record in records:
-      self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-      self.done.add(record_key(record, self.key_fields))
-    self._file.flush()
-    if self.path is not None:
-      os.fsync(self._file.fileno())
+    """Appends ``records`` and syncs them; a failed write (a full disk) cuts the file back to its last complete
+    record and raises OSError naming the file."""
+    records = list(records)
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    if self.path is None:
+      self._file.write(text)
+      self._file.flush()
+    else:
+      start = self._file.tell()
+      try:
+        data = memoryview(text.encode("utf-8"))
+        while data:
+          data = data[self._file.write(data):]
+        os.fsync(self._file.fileno())
+      except OSError as e:
+        self._file.truncate(start)
+        raise OSError(e.errno, e.strerror or str(e), self.path) from None
+    self.done.update(record_key(record, self.key_fields) for record in records)
 
   def close(self):
     if self.path is not None:

@@ -35,21 +35,28 @@ def data(tmp_path):
 
 def test_summarize_by_hand():
   rows = [
-      {"strategy": "spd", "threshold": 0.5, "id": 1, "correct": True, "num_tokens": 10, "nfe": 5, "prefill_calls": 1,
-       "tpf": 2.0, "seconds": 1.0},
-      {"strategy": "spd", "threshold": 0.5, "id": 2, "correct": False, "num_tokens": 6, "nfe": 1, "prefill_calls": 1,
-       "tpf": 6.0, "seconds": 3.0},
-      {"strategy": "spd", "threshold": 0.7, "id": 1, "correct": False, "num_tokens": 1, "nfe": 1, "prefill_calls": 1,
-       "tpf": 1.0, "seconds": 1.0},  # another threshold
-      {"strategy": "spd", "threshold": 0.5, "id": 9, "correct": False, "num_tokens": 1, "nfe": 1, "prefill_calls": 1,
-       "tpf": 1.0, "seconds": 1.0},  # an id outside the evaluated set
+      {"correct": True, "num_tokens": 10, "nfe": 5, "prefill_calls": 1, "tpf": 2.0, "seconds": 1.0},
+      {"correct": False, "num_tokens": 6, "nfe": 1, "prefill_calls": 1, "tpf": 6.0, "seconds": 3.0},
   ]
-  s = evaluate.summarize(rows, "spd", 0.5, [1, 2, 3])
-  assert (s["n"], s["of"]) == (2, 3)
-  assert s["accuracy"] == 0.5 and s["mean_tpf"] == 4.0
+  s = evaluate.summarize(rows, "spd", 0.5, of=4, rejected=1)  # one rejected, one failed: both count as wrong
+  assert (s["n"], s["of"], s["rejected"]) == (2, 4, 1)
+  assert s["accuracy"] == 1 / 4 and s["mean_tpf"] == 4.0
   assert s["tpf"] == 16 / 6 and s["tpf_with_prefill"] == 16 / 8 and s["tokens_per_second"] == 16 / 4
   table = evaluate.markdown_table([s])
-  assert "| spd | 0.5 | 2/3 | 50.0% | 4.00 | 2.00 | 4.0 | 8.0 |" in table
+  assert "| spd | 0.5 | 2/4 | 1 | 25.0% | 4.00 | 2.00 | 4.0 | 8.0 |" in table
+
+
+def test_select_keys_on_prompt_and_every_setting():
+  from dmax_jax import runner  # pylint: disable=import-outside-toplevel
+
+  reqs = [runner.Request(1, "", "q1", [5, 6]), runner.Request(2, "", "q2", [7])]
+  a = {"strategy": "spd", "threshold": 0.5, "gen_length": 16}
+  records = [dict(runner.identity(reqs[0], a), x=1), dict(runner.identity(reqs[1], a), x=2),
+             dict(runner.identity(reqs[0], dict(a, gen_length=32)), x=3),  # another length
+             dict(runner.identity(runner.Request(1, "", "q1", [5, 9]), a), x=4),  # same id, other prompt ids
+             dict(runner.identity(runner.Request(3, "", "q3", [1]), a), x=5)]  # an id outside the set
+  assert [r["x"] for r in evaluate.select(records, reqs, a)] == [1, 2]
+  assert [r["x"] for r in evaluate.select(records, reqs, dict(a, gen_length=32))] == [3]
 
 
 def test_score_adds_prediction_and_correctness():
@@ -82,7 +89,7 @@ def test_evaluate_end_to_end_and_resume(tmp_path, ckpt, data, capsys):
   report = json.loads((tmp_path / "eval" / "rec.json").read_text())
   assert [(r["strategy"], r["threshold"], r["n"]) for r in report["results"]] == [("spd", 0.5, 3), ("threshold", 0.5, 3)]
   md_rows = [l for l in (tmp_path / "eval" / "rec.md").read_text().splitlines() if l.startswith("| ")]
-  assert [l.split(" | ")[:3] for l in md_rows[2:]] == [["| spd", "0.5", "3/3"], ["| threshold", "0.5", "3/3"]]
+  assert [l.split(" | ")[:4] for l in md_rows[2:]] == [["| spd", "0.5", "3/3", "0"], ["| threshold", "0.5", "3/3", "0"]]
   # killed midway: keep two records and a torn third; the rerun completes each key exactly once
   lines = out.read_bytes().split(b"\n")
   out.write_bytes(b"\n".join(lines[:2]) + b"\n" + lines[2][:10])
