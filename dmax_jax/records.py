@@ -2,10 +2,10 @@
 
 Each record is written as one line, flushed and fsynced before the next
 batch starts, so after a kill the file holds every finished record and at
-most one torn last line. Opening the file again drops that torn line and
-reports the keys already present; the caller skips those and appends the
-rest, so a run killed any number of times ends with every record exactly
-once.
+most one torn last line. Opening the file again reports the keys already
+present; the caller skips those and appends the rest (the first write drops
+the torn line, or creates the file), so a run killed any number of times
+ends with every record exactly once.
 """
 
 from __future__ import annotations
@@ -81,12 +81,7 @@ class RecordWriter:
     if path is not None:
       check_writable(path)
       self.existing = read_records(path)
-      try:
-        _drop_torn_tail(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._file = open(path, "ab", buffering=0)  # unbuffered: a failed write leaves nothing pending
-      except OSError as e:
-        raise RecordsError(f"{path}: cannot be written ({e.strerror or e})") from None
+      self._file = None  # opened (and the file created) by the first write
     else:
       self._file = stream
     self.done = {record_key(r, self.key_fields) for r in self.existing}
@@ -103,6 +98,8 @@ class RecordWriter:
       self._file.write(text)
       self._file.flush()
     else:
+      if self._file is None:
+        self._file = self._open()
       start = self._file.tell()
       try:
         data = memoryview(text.encode("utf-8"))
@@ -114,9 +111,18 @@ class RecordWriter:
         raise OSError(e.errno, e.strerror or str(e), self.path) from None
     self.done.update(record_key(record, self.key_fields) for record in records)
 
+  def _open(self):
+    try:
+      _drop_torn_tail(self.path)
+      os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+      return open(self.path, "ab", buffering=0)  # unbuffered: a failed write leaves nothing pending
+    except OSError as e:
+      raise OSError(e.errno, e.strerror or str(e), self.path) from None
+
   def close(self):
-    if self.path is not None:
+    if self.path is not None and self._file is not None:
       self._file.close()
+      self._file = None
 
   def __enter__(self):
     return self

@@ -46,7 +46,7 @@ from dmax_jax import checkpoint, decoding
 from dmax_jax.config import ConfigError
 from dmax_jax.hf import CheckpointError
 from dmax_jax.records import RecordWriter
-from dmax_jax.tokenizer import MATH_SUFFIX, TokenizerError, ChatTemplateError, load_tokenizer
+from dmax_jax.tokenizer import MATH_SUFFIX, ChatTemplateError, TokenizerError, load_tokenizer
 
 PROMPT_FIELDS = ("question", "messages", "prompt")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
