@@ -12,8 +12,9 @@ array is chunked by HF tensor: one chunk per layer (and per expert) slice, so
 conversion can write, and export can read, one Hugging Face tensor at a time.
 Conversion therefore never holds more than a few tensors in memory however
 many layers there are, and ``orbax.checkpoint`` restores the result like any
-checkpoint it wrote itself (``load_checkpoint``, optionally straight onto a
-device sharding).
+checkpoint it wrote itself. ``load_checkpoint`` checks the tree against
+Orbax's metadata and reads each leaf with tensorstore straight onto a device
+sharding, so that a damaged chunk is one clean error naming its leaf.
 
 Everything is written under ``CKPT.partial`` and renamed at the end, so a
 failure leaves no half-written checkpoint behind.
@@ -318,9 +319,8 @@ def load_checkpoint(path: str, dtype=None, sharding=None, **numerics) -> tuple[M
   _check_dir(path)
   cfg = _load_config(os.path.join(path, CONFIG_FILE), **numerics)
   params_dir = epath.Path(os.path.abspath(path)) / PARAMS_DIR
-  handler = ocp.PyTreeCheckpointHandler()  # the handler reads the tree metadata a params checkpoint has
-  try:
-    stored, _ = jax.tree.flatten_with_path(handler.metadata(params_dir).tree)
+  try:  # the handler reads the tree metadata a params checkpoint has (the Checkpointer would want a step file too)
+    stored, _ = jax.tree.flatten_with_path(ocp.PyTreeCheckpointHandler().metadata(params_dir).tree)
   except Exception as e:  # pylint: disable=broad-exception-caught  # Orbax/tensorstore raise plain Exceptions
     raise CheckpointError(f"{params_dir}: cannot read the parameter metadata ({_store_problem(e)})") from None
   got = {tuple(k.key for k in p): tuple(m.shape) for p, m in stored}
@@ -329,19 +329,49 @@ def load_checkpoint(path: str, dtype=None, sharding=None, **numerics) -> tuple[M
     if want.get(leaf) != got.get(leaf):
       raise CheckpointError(f"{params_dir}: leaf {'.'.join(leaf)} is stored with shape {got.get(leaf)}, "
                             f"which does not match {CONFIG_FILE} ({want.get(leaf)})")
+  # Each leaf is read with tensorstore (the zarr arrays Orbax reads): a damaged chunk then fails alone, where
+  # Orbax's concurrent restore leaves its other reads pending and they print errors until the process exits.
+  stores = _open_leaves(str(params_dir), cfg)
   shapes = param_shapes(cfg)
   shardings = _broadcast_sharding(sharding, shapes)
-  restore_args = jax.tree.map(
-      lambda shape, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=shape, dtype=dtype), shapes, shardings,
-      is_leaf=is_shape,
-  )
-  try:
-    params = handler.restore(params_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  except Exception as e:  # pylint: disable=broad-exception-caught  # Orbax/tensorstore raise plain Exceptions
-    raise CheckpointError(f"{params_dir}: cannot read the stored parameters ({_store_problem(e)})") from None
-  finally:
-    handler.close()
-  return cfg, params
+  np_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
+
+  def read(path, shape, leaf_sharding):
+    leaf = tuple(k.key for k in path)
+    return _read_leaf(stores[leaf], os.path.join(str(params_dir), ".".join(leaf)), shape, leaf_sharding, np_dtype)
+
+  return cfg, jax.tree.map_with_path(read, shapes, shardings, is_leaf=is_shape)
+
+
+def _read_leaf(store, where: str, shape, sharding, dtype):
+  """One stored leaf as a global array on ``sharding``: each addressable device's shard read from disk once."""
+  shards = {}
+
+  def read(index):
+    key = tuple((i.start, i.stop, i.step) for i in index)
+    if key not in shards:
+      try:
+        shards[key] = store[index].read().result()
+      except ValueError as e:  # a damaged chunk
+        raise CheckpointError(f"{where}: cannot read the stored parameters ({_store_problem(e)})") from None
+    return shards[key] if dtype is None else shards[key].astype(dtype)
+
+  return jax.make_array_from_callback(tuple(shape), sharding, read)
+
+
+def _open_leaves(params_dir: str, cfg: ModelConfig) -> dict:
+  """Every leaf's zarr array (tensorstore), checked against the config's shape."""
+  import tensorstore as ts  # pylint: disable=import-outside-toplevel
+
+  stores = {}
+  for leaf, shape in _leaf_paths(cfg).items():
+    try:
+      stores[leaf] = ts.open(_leaf_spec(params_dir, leaf), open=True).result()
+    except ValueError as e:
+      raise CheckpointError(f"{params_dir}: cannot open leaf {'.'.join(leaf)} ({_store_problem(e)})") from None
+    if tuple(stores[leaf].shape) != shape:
+      raise CheckpointError(f"{params_dir}: leaf {'.'.join(leaf)} has shape {tuple(stores[leaf].shape)}, expected {shape}")
+  return stores
 
 
 class _LazyLeaf:
@@ -363,7 +393,6 @@ class _LazyLeaf:
 
 def export_hf(checkpoint: str, out_dir: str, shard_bytes: int = 5 * 10**9, dtype=None, progress: bool = True) -> None:
   """Params checkpoint -> Hugging Face safetensors (separate experts), one tensor at a time."""
-  import tensorstore as ts  # pylint: disable=import-outside-toplevel
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
   _check_dir(checkpoint)
@@ -371,14 +400,7 @@ def export_hf(checkpoint: str, out_dir: str, shard_bytes: int = 5 * 10**9, dtype
   if os.path.exists(out_dir):
     raise CheckpointError(f"{out_dir}: already exists; choose a new output directory")
   params_dir = os.path.join(os.path.abspath(checkpoint), PARAMS_DIR)
-  stores = {}
-  for leaf, shape in _leaf_paths(cfg).items():
-    try:
-      stores[leaf] = ts.open(_leaf_spec(params_dir, leaf), open=True).result()
-    except ValueError as e:
-      raise CheckpointError(f"{params_dir}: cannot open leaf {'.'.join(leaf)} ({_store_problem(e)})") from None
-    if tuple(stores[leaf].shape) != shape:
-      raise CheckpointError(f"{params_dir}: leaf {'.'.join(leaf)} has shape {tuple(stores[leaf].shape)}, expected {shape}")
+  stores = _open_leaves(params_dir, cfg)
   bar = tqdm(total=len(weight_table(cfg)), desc="export", unit="tensor", disable=not progress)
   leaves = {}
   for leaf, store in stores.items():

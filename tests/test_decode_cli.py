@@ -393,7 +393,14 @@ def test_converted_checkpoint_loads_quietly_and_broken_ones_give_one_line(tmp_pa
   assert len(r.stderr.strip().splitlines()) == 1 and "prompts decoded" in r.stderr, r.stderr  # the summary alone
   from test_checkpoint import broken_copies  # pylint: disable=import-outside-toplevel
 
-  for case, (path, victim) in broken_copies(converted, tmp_path / "in").items():
+  broken = broken_copies(converted, tmp_path / "in")
+  r = subprocess.run([sys.executable, "decode.py", "--checkpoint", broken["chunk"][0], "--prompt", "hi", *GEN],
+                     cwd=REPO, capture_output=True, text=True, timeout=300)  # a real process: nothing after the line
+  assert r.returncode == 2 and r.stderr.splitlines() == [
+      f"error: {broken['chunk'][0]}/params/moe.w_up: cannot read the stored parameters (Error reading local file "
+      f"\"{broken['chunk'][1]}\": ZSTD_decompressStream() failed: Unknown frame descriptor; at byte 0; "
+      "at uncompressed byte 0)"], r.stderr[-2000:]
+  for case, (path, victim) in broken.items():
     out = tmp_path / f"{case}.jsonl"
     assert decode_main(["--checkpoint", path, "--prompt", "hi", "--output", str(out), *GEN]) == 2, case
     (line,) = _stderr_lines(capsys)

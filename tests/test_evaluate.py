@@ -121,6 +121,7 @@ def test_accuracy_counts_correct_answers(tmp_path, ckpt, data, monkeypatch):
     (["--thresholds", "0.5,x"], "--thresholds must be comma-separated numbers"),
     (["--limit", "0"], "--limit must be positive"),
     (["--gen-length", "-1"], "--gen-length must be positive"),
+    (["--output", "/tmp"], "/tmp: is a directory, not a file"),
 ])
 def test_usage_errors(tmp_path, ckpt, data, capsys, extra, message):
   argv = ["--checkpoint", ckpt, "--data", data, "--output", str(tmp_path / "r.jsonl"), "--no-progress", *extra]
