@@ -319,6 +319,9 @@ def load_checkpoint(path: str, dtype=None, sharding=None, **numerics) -> tuple[M
   _check_dir(path)
   cfg = _load_config(os.path.join(path, CONFIG_FILE), **numerics)
   params_dir = epath.Path(os.path.abspath(path)) / PARAMS_DIR
+  # Opened one by one first: Orbax opens them concurrently and, when one fails, leaves the others pending to
+  # print errors until the process exits. Each leaf is read with tensorstore below for the same reason.
+  stores = _open_leaves(str(params_dir), cfg)
   try:  # the handler reads the tree metadata a params checkpoint has (the Checkpointer would want a step file too)
     stored, _ = jax.tree.flatten_with_path(ocp.PyTreeCheckpointHandler().metadata(params_dir).tree)
   except Exception as e:  # pylint: disable=broad-exception-caught  # Orbax/tensorstore raise plain Exceptions
@@ -329,9 +332,6 @@ def load_checkpoint(path: str, dtype=None, sharding=None, **numerics) -> tuple[M
     if want.get(leaf) != got.get(leaf):
       raise CheckpointError(f"{params_dir}: leaf {'.'.join(leaf)} is stored with shape {got.get(leaf)}, "
                             f"which does not match {CONFIG_FILE} ({want.get(leaf)})")
-  # Each leaf is read with tensorstore (the zarr arrays Orbax reads): a damaged chunk then fails alone, where
-  # Orbax's concurrent restore leaves its other reads pending and they print errors until the process exits.
-  stores = _open_leaves(str(params_dir), cfg)
   shapes = param_shapes(cfg)
   shardings = _broadcast_sharding(sharding, shapes)
   np_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
@@ -370,7 +370,8 @@ def _open_leaves(params_dir: str, cfg: ModelConfig) -> dict:
     except ValueError as e:
       raise CheckpointError(f"{params_dir}: cannot open leaf {'.'.join(leaf)} ({_store_problem(e)})") from None
     if tuple(stores[leaf].shape) != shape:
-      raise CheckpointError(f"{params_dir}: leaf {'.'.join(leaf)} has shape {tuple(stores[leaf].shape)}, expected {shape}")
+      raise CheckpointError(f"{params_dir}: leaf {'.'.join(leaf)} is stored with shape {tuple(stores[leaf].shape)}, "
+                            f"which does not match {CONFIG_FILE} ({shape})")
   return stores
 
 
