@@ -12,8 +12,9 @@ array is chunked by HF tensor: one chunk per layer (and per expert) slice, so
 conversion can write, and export can read, one Hugging Face tensor at a time.
 Conversion therefore never holds more than a few tensors in memory however
 many layers there are, and ``orbax.checkpoint`` restores the result like any
-checkpoint it wrote itself (``load_checkpoint``, optionally straight onto a
-device sharding).
+checkpoint it wrote itself. ``load_checkpoint`` checks the tree against
+Orbax's metadata and reads each leaf with tensorstore straight onto a device
+sharding, so that a damaged chunk is one clean error naming its leaf.
 
 Everything is written under ``CKPT.partial`` and renamed at the end, so a
 failure leaves no half-written checkpoint behind.
@@ -41,6 +42,8 @@ from dmax_jax.hf import (
 from dmax_jax.params import is_shape, param_shapes
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+SIDE_FILES = TOKENIZER_FILES + ("generation_config.json",)  # copied through conversion and export unchanged
+DTYPE_KEYS = ("dtype", "torch_dtype")  # Hugging Face's name for the stored dtype (new and old transformers)
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 MAX_CHUNK_BYTES = 64 * 2**20  # split chunks of big top-level leaves (embed, lm_head) below this
@@ -112,13 +115,20 @@ class ParamsWriter:
     target = self.arrays[leaf][index] if index else self.arrays[leaf]
     if tuple(target.shape) != value.shape:
       raise CheckpointError(f"{self.dir}: {'.'.join(leaf)}{list(index)} needs shape {tuple(target.shape)}, got {value.shape}")
-    self._pending.append((target.write(value), value))
+    self._pending.append((target.write(value), leaf, value))  # the value stays alive until written
     while len(self._pending) > _PENDING_WRITES:
-      self._pending.popleft()[0].result()
+      self._wait_one()
+
+  def _wait_one(self) -> None:
+    future, leaf, _ = self._pending.popleft()
+    try:
+      future.result()
+    except ValueError as e:  # tensorstore reports I/O failures (a full disk) as ValueError
+      raise OSError(0, f"cannot write ({str(e).splitlines()[0]})", os.path.join(self.dir, ".".join(leaf))) from None
 
   def finish(self) -> None:
     while self._pending:
-      self._pending.popleft()[0].result()
+      self._wait_one()
     tree = {}
     for leaf in self.arrays:
       tree[str(leaf)] = {
@@ -157,15 +167,34 @@ class _Staging:
     return False
 
 
-def _copy_tokenizer(src_dir: Optional[str], dst_dir: str) -> None:
-  for name in TOKENIZER_FILES if src_dir else ():
-    if os.path.isfile(os.path.join(src_dir, name)):
-      shutil.copyfile(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+def _side_files(src_dir: Optional[str]) -> dict[str, str]:
+  """The tokenizer and generation-config files of ``src_dir`` that exist: {name: path}."""
+  paths = {name: os.path.join(src_dir, name) for name in SIDE_FILES} if src_dir else {}
+  return {name: p for name, p in paths.items() if os.path.isfile(p)}
 
 
-def _write_config(cfg: ModelConfig, out_dir: str) -> None:
+def _copy_side_files(src_dir: Optional[str], dst_dir: str) -> None:
+  for name, path in _side_files(src_dir).items():
+    shutil.copyfile(path, os.path.join(dst_dir, name))
+
+
+def hf_config_dict(cfg: ModelConfig, source: Optional[str] = None, dtype=None) -> dict:
+  """The ``config.json`` to write for ``cfg``: the source's keys kept (``dtype``, ``use_cache``, ``auto_map``...),
+  the architecture's filled in where the source lacks them; ``dtype`` (if given) updates the stored-dtype key."""
+  out = cfg.to_hf_dict()
+  if source is not None:
+    path = os.path.join(source, CONFIG_FILE) if os.path.isdir(source) else source
+    with open(path) as f:
+      out.update(json.load(f))  # parsed into cfg already, so the architecture keys agree
+  if dtype is not None:
+    for key in [k for k in DTYPE_KEYS if k in out] or ["torch_dtype"]:
+      out[key] = jnp.dtype(dtype).name
+  return out
+
+
+def _write_config(config: dict, out_dir: str) -> None:
   with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-    json.dump(cfg.to_hf_dict(), f, indent=2)
+    json.dump(config, f, indent=2)
 
 
 def _load_config(path: str, **numerics) -> ModelConfig:
@@ -193,8 +222,8 @@ def convert_hf(hf_dir: str, out_dir: str, dtype=jnp.float32, progress: bool = Tr
     for e, tensor in tqdm(iter_checked(reader, cfg), total=total, desc="convert", unit="tensor", disable=not progress):
       writer.write(e.leaf, e.index, from_hf_layout(e, tensor))
     writer.finish()
-    _write_config(cfg, tmp)
-    _copy_tokenizer(hf_dir, tmp)
+    _write_config(hf_config_dict(cfg, hf_dir), tmp)
+    _copy_side_files(hf_dir, tmp)
   return cfg
 
 
@@ -224,15 +253,32 @@ def save_checkpoint(params, cfg: ModelConfig, path: str, tokenizer_dir: Optional
       else:
         writer.write(leaf, (), np.asarray(x))
     writer.finish()
-    _write_config(cfg, tmp)
-    _copy_tokenizer(tokenizer_dir, tmp)
+    _write_config(hf_config_dict(cfg), tmp)
+    _copy_side_files(tokenizer_dir, tmp)
 
 
 def _check_dir(path: str) -> None:
+  """A params checkpoint directory whose ``_METADATA`` is readable JSON (else CheckpointError)."""
   if not os.path.isdir(path):
     raise CheckpointError(f"{path}: no such checkpoint directory")
-  if not os.path.exists(os.path.join(path, PARAMS_DIR, "_METADATA")):
+  metadata = os.path.join(path, PARAMS_DIR, "_METADATA")
+  if not os.path.exists(metadata):
     raise CheckpointError(f"{path}: not a params checkpoint (no {PARAMS_DIR}/_METADATA)")
+  try:
+    with open(metadata) as f:
+      tree = json.load(f).get("tree_metadata")
+  except (ValueError, AttributeError, OSError) as e:
+    raise CheckpointError(f"{metadata}: not a readable Orbax metadata file ({e})") from None
+  if not isinstance(tree, dict):
+    raise CheckpointError(f"{metadata}: not a readable Orbax metadata file (no tree_metadata)")
+
+
+def _store_problem(e: BaseException) -> str:
+  """The first line of a tensorstore/Orbax read error (Orbax wraps the one that names the file)."""
+  e = e.__cause__ or e
+  if not str(e):
+    return type(e).__name__
+  return str(e).splitlines()[0].split(" [tensorstore_spec=")[0].removeprefix("FAILED_PRECONDITION: ")
 
 
 def _broadcast_sharding(sharding, shapes):
@@ -268,12 +314,18 @@ def load_checkpoint(path: str, dtype=None, sharding=None, **numerics) -> tuple[M
   ``numerics`` are ``ModelConfig`` run options (compute_dtype, moe_backend, ...).
   """
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from etils import epath  # pylint: disable=import-outside-toplevel
 
   _check_dir(path)
   cfg = _load_config(os.path.join(path, CONFIG_FILE), **numerics)
-  params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
-  ckptr = ocp.PyTreeCheckpointer()
-  stored, _ = jax.tree.flatten_with_path(ckptr.metadata(params_dir).item_metadata.tree)
+  params_dir = epath.Path(os.path.abspath(path)) / PARAMS_DIR
+  # Opened one by one first: Orbax opens them concurrently and, when one fails, leaves the others pending to
+  # print errors until the process exits. Each leaf is read with tensorstore below for the same reason.
+  stores = _open_leaves(str(params_dir), cfg)
+  try:  # the handler reads the tree metadata a params checkpoint has (the Checkpointer would want a step file too)
+    stored, _ = jax.tree.flatten_with_path(ocp.PyTreeCheckpointHandler().metadata(params_dir).tree)
+  except Exception as e:  # pylint: disable=broad-exception-caught  # Orbax/tensorstore raise plain Exceptions
+    raise CheckpointError(f"{params_dir}: cannot read the parameter metadata ({_store_problem(e)})") from None
   got = {tuple(k.key for k in p): tuple(m.shape) for p, m in stored}
   want = _leaf_paths(cfg)
   for leaf in sorted(set(want) | set(got)):
@@ -282,31 +334,66 @@ def load_checkpoint(path: str, dtype=None, sharding=None, **numerics) -> tuple[M
                             f"which does not match {CONFIG_FILE} ({want.get(leaf)})")
   shapes = param_shapes(cfg)
   shardings = _broadcast_sharding(sharding, shapes)
-  restore_args = jax.tree.map(
-      lambda shape, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=shape, dtype=dtype), shapes, shardings,
-      is_leaf=is_shape,
-  )
-  params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  return cfg, params
+  np_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
+
+  def read(path, shape, leaf_sharding):
+    leaf = tuple(k.key for k in path)
+    return _read_leaf(stores[leaf], os.path.join(str(params_dir), ".".join(leaf)), shape, leaf_sharding, np_dtype)
+
+  return cfg, jax.tree.map_with_path(read, shapes, shardings, is_leaf=is_shape)
+
+
+def _read_leaf(store, where: str, shape, sharding, dtype):
+  """One stored leaf as a global array on ``sharding``: each addressable device's shard read from disk once."""
+  shards = {}
+
+  def read(index):
+    key = tuple((i.start, i.stop, i.step) for i in index)
+    if key not in shards:
+      try:
+        shards[key] = store[index].read().result()
+      except ValueError as e:  # a damaged chunk
+        raise CheckpointError(f"{where}: cannot read the stored parameters ({_store_problem(e)})") from None
+    return shards[key] if dtype is None else shards[key].astype(dtype)
+
+  return jax.make_array_from_callback(tuple(shape), sharding, read)
+
+
+def _open_leaves(params_dir: str, cfg: ModelConfig) -> dict:
+  """Every leaf's zarr array (tensorstore), checked against the config's shape."""
+  import tensorstore as ts  # pylint: disable=import-outside-toplevel
+
+  stores = {}
+  for leaf, shape in _leaf_paths(cfg).items():
+    try:
+      stores[leaf] = ts.open(_leaf_spec(params_dir, leaf), open=True).result()
+    except ValueError as e:
+      raise CheckpointError(f"{params_dir}: cannot open leaf {'.'.join(leaf)} ({_store_problem(e)})") from None
+    if tuple(stores[leaf].shape) != shape:
+      raise CheckpointError(f"{params_dir}: leaf {'.'.join(leaf)} is stored with shape {tuple(stores[leaf].shape)}, "
+                            f"which does not match {CONFIG_FILE} ({shape})")
+  return stores
 
 
 class _LazyLeaf:
   """A stored leaf that reads only the slice it is indexed with (and ticks a progress bar)."""
 
-  def __init__(self, store, bar):
-    self._store, self._bar = store, bar
+  def __init__(self, store, bar, where: str):
+    self._store, self._bar, self._where = store, bar, where
     self.shape = tuple(store.shape)
     self.dtype = np.dtype(store.dtype.numpy_dtype)
 
   def __getitem__(self, index):
-    value = self._store[index].read().result()
+    try:
+      value = self._store[index].read().result()
+    except ValueError as e:  # a damaged chunk
+      raise CheckpointError(f"{self._where}: cannot read the stored parameters ({_store_problem(e)})") from None
     self._bar.update(1)
     return value
 
 
 def export_hf(checkpoint: str, out_dir: str, shard_bytes: int = 5 * 10**9, dtype=None, progress: bool = True) -> None:
   """Params checkpoint -> Hugging Face safetensors (separate experts), one tensor at a time."""
-  import tensorstore as ts  # pylint: disable=import-outside-toplevel
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
   _check_dir(checkpoint)
@@ -314,30 +401,30 @@ def export_hf(checkpoint: str, out_dir: str, shard_bytes: int = 5 * 10**9, dtype
   if os.path.exists(out_dir):
     raise CheckpointError(f"{out_dir}: already exists; choose a new output directory")
   params_dir = os.path.join(os.path.abspath(checkpoint), PARAMS_DIR)
+  stores = _open_leaves(params_dir, cfg)
   bar = tqdm(total=len(weight_table(cfg)), desc="export", unit="tensor", disable=not progress)
   leaves = {}
-  for leaf, shape in _leaf_paths(cfg).items():
-    try:
-      store = ts.open(_leaf_spec(params_dir, leaf), open=True).result()
-    except ValueError as e:
-      raise CheckpointError(f"{params_dir}: cannot open leaf {'.'.join(leaf)} ({str(e).splitlines()[0]})") from None
-    if tuple(store.shape) != shape:
-      raise CheckpointError(f"{params_dir}: leaf {'.'.join(leaf)} has shape {tuple(store.shape)}, expected {shape}")
+  for leaf, store in stores.items():
     node = leaves
     for k in leaf[:-1]:
       node = node.setdefault(k, {})
-    node[leaf[-1]] = _LazyLeaf(store, bar)
-  extra = {n: os.path.join(checkpoint, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(checkpoint, n))}
+    node[leaf[-1]] = _LazyLeaf(store, bar, os.path.join(params_dir, ".".join(leaf)))
+  config = hf_config_dict(cfg, os.path.join(checkpoint, CONFIG_FILE), dtype)
   with bar:
-    save_hf_checkpoint(leaves, cfg, out_dir, shard_bytes=shard_bytes, dtype=dtype, extra_files=extra)
+    save_hf_checkpoint(leaves, cfg, out_dir, shard_bytes=shard_bytes, dtype=dtype,
+                       extra_files=_side_files(checkpoint), config=config)
 
 
 def run_cli(action: Callable[[], Any], out: str) -> int:
-  """Runs a CLI's ``action``: a ``CheckpointError`` becomes ``error: ...`` on stderr and exit status 2."""
+  """Runs a CLI's ``action``: a ``CheckpointError`` becomes ``error: ...`` on stderr and exit status 2; a failed
+  write (a full disk) names the file with exit status 1 (the output is removed, nothing half-written stays)."""
   try:
     action()
   except CheckpointError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except OSError as e:
+    print(f"error: {e.filename or out}: {e.strerror or e}; nothing was written to {out}", file=sys.stderr)
+    return 1
   print(f"wrote {out}")
   return 0

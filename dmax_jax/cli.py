@@ -1,8 +1,9 @@
 """Command lines: ``decode.py`` (batch generation) and the flags it shares with ``tools/evaluate.py``.
 
 Exit codes: 0 all prompts done, 1 some input lines failed (each reported as
-``error: FILE:LINE: problem`` on stderr; the other lines still ran), 2 usage
-errors (bad flags, missing files, unreadable checkpoint or output file).
+``error: FILE:LINE: problem`` on stderr; the other lines still ran) or a write
+failed (a full disk: the output keeps its complete records), 2 usage errors
+(bad flags, missing files, unreadable checkpoint or output file).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import time
 from typing import Callable, Optional, Sequence
 
 from dmax_jax import runner, trace_html
-from dmax_jax.records import RecordsError, RecordWriter
+from dmax_jax.records import RecordsError, RecordWriter, check_writable
+from dmax_jax.tokenizer import TokenizerError
 
 
 def add_decoding_args(p: argparse.ArgumentParser):
@@ -49,6 +51,9 @@ def run_cli(body: Callable[[argparse.Namespace], int], parser: argparse.Argument
   except (runner.UsageError, RecordsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except OSError as e:  # a write that failed (a full disk); what was written before it is complete
+    print(f"error: {e.filename or 'output'}: {e.strerror or e}", file=sys.stderr)
+    return 1
   except KeyboardInterrupt:
     print("interrupted: finished records are saved; rerun the same command to resume", file=sys.stderr)
     return 130
@@ -57,6 +62,11 @@ def run_cli(body: Callable[[argparse.Namespace], int], parser: argparse.Argument
 def report_errors(errors: Sequence[str]):
   for e in errors:
     print(f"error: {e}", file=sys.stderr)
+
+
+def report_notes(notes: Sequence[str]):
+  for n in notes:
+    print(f"warning: {n}", file=sys.stderr)
 
 
 def decode_parser() -> argparse.ArgumentParser:
@@ -72,6 +82,9 @@ def decode_parser() -> argparse.ArgumentParser:
   p.add_argument("--threshold", type=float, default=None, help="decoding threshold (default: 0.5 spd, 0.95 threshold)")
   p.add_argument("--math", action="store_true", help="append the math suffix to questions")
   p.add_argument("--trace", metavar="FILE.html", help="write a step-by-step HTML trace of the decoded prompts")
+  p.add_argument("--records", default="full", choices=runner.RECORD_FORMATS,
+                 help="full: every field of a generation; training: {\"messages\": prompt + generated answer}, "
+                      "the data format train.py reads (for self-distillation)")
   add_decoding_args(p)
   return p
 
@@ -82,29 +95,44 @@ def _decode(args) -> int:
   strategy = runner.make_strategy(args.strategy, args.threshold, args.confidence_stop, args.temperature)
   if args.input is not None and not os.path.isfile(args.input):
     raise runner.UsageError(f"{args.input}: no such file")
-  config, params, tokenizer = runner.load_model(args.checkpoint, args.dtype)
-  if args.input is not None:
-    requests, errors = runner.read_prompts(args.input, tokenizer, args.math)
-  else:
-    requests, errors = [], []
-    try:
-      text, ids = runner.prompt_from_fields({"question": args.prompt}, tokenizer, args.math)
-      requests.append(runner.Request(1, "--prompt", text, ids))
-    except ValueError as e:
-      errors.append(f"--prompt: {e}")
-  requests, too_long = runner.check_prompts(requests, config, args.gen_length, args.block_length)
-  errors += too_long
-  report_errors(errors)
-  with RecordWriter(args.output, ("id",), stream=sys.stdout) as writer:
+  if args.trace:
+    check_writable(args.trace)
+  with RecordWriter(args.output, runner.KEY_FIELDS, stream=sys.stdout) as writer:  # checked before the model loads
+    config, params, tokenizer = runner.load_model(args.checkpoint, args.dtype)
+    notes = []
+    if args.input is not None:
+      requests, errors = runner.read_prompts(args.input, tokenizer, args.math, notes)
+    else:
+      requests, errors = [], []
+      fields = {"question": args.prompt}
+      try:
+        text, ids = runner.prompt_from_fields(fields, tokenizer, args.math)
+        requests.append(runner.Request(1, "--prompt", text, ids, messages=runner.prompt_messages(fields, args.math)))
+      except TokenizerError as e:
+        raise runner.UsageError(str(e)) from None
+      except ValueError as e:
+        errors.append(f"--prompt: {e}")
+    report_notes(notes)
+    if args.records == "training":
+      errors += [f"{r.where}: a raw 'prompt' has no conversation to train on (give 'question' or 'messages')"
+                 for r in requests if r.messages is None]
+      requests = [r for r in requests if r.messages is not None]
+    requests, too_long = runner.check_prompts(requests, config, args.gen_length, args.block_length)
+    errors += too_long
+    report_errors(errors)
+    settings = dict(runner.checkpoint_settings(args.checkpoint, args.dtype, args.seed), records=args.records)
     result = runner.run(
         requests, params=params, config=config, tokenizer=tokenizer, strategy=strategy, gen_length=args.gen_length,
         block_length=args.block_length, batch_size=args.batch_size, writer=writer, trace=bool(args.trace),
-        seed=args.seed, progress=not args.no_progress)
+        seed=args.seed, progress=not args.no_progress, settings=settings, record_format=args.records)
   report_errors(result.errors)
-  if args.trace:
+  if args.trace and result.traces:
     trace_html.write(args.trace, result.traces, tokenizer, config.mask_token_id)
-  print(f"{runner.summary_line(result)}; total wall {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-  return 1 if errors or result.errors else 0
+  elif args.trace:
+    print(f"note: nothing was decoded in this run, so {args.trace} was not written", file=sys.stderr)
+  failed = len(errors) + len(result.errors)
+  print(f"{runner.summary_line(result, failed)}; total wall {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+  return 1 if failed else 0
 
 
 def decode_main(argv: Optional[Sequence[str]] = None) -> int:

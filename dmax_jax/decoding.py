@@ -22,6 +22,7 @@ queries of the current block only.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import NamedTuple, Optional, Sequence
@@ -54,7 +55,7 @@ class Threshold:
 
 @dataclasses.dataclass
 class TraceStep:
-  block: int  # block index within the sequence's own canvas
+  block: int  # block index from the start of the generation (0: the block holding the first generated token)
   step: int  # 0-based step within the block
   tokens: list  # the block's tokens after this step (mask id where still masked)
   status: list  # per position: "prompt" | "mask" | "new" | "revised" | "same"
@@ -336,14 +337,12 @@ def _generate_jit(params, cfg: ModelConfig, rule: Rule, hp, layout: Layout, canv
   return canvas, nfe, traces
 
 
-def generate(params, config: ModelConfig, prompts, *, strategy, gen_length: int, block_length: int = 32, rng=None,
-             trace: bool = False) -> list[Generation]:
-  """Decodes a batch of prompts (lists of token ids, any lengths) with SPD or the threshold baseline.
+_PROGRAMS: "collections.OrderedDict" = collections.OrderedDict()  # compiled decoding programs, most recent last
+_MAX_PROGRAMS = 64
 
-  Returns one ``Generation`` per prompt: the generated ids up to (excluding)
-  the first eos, the decoding forwards (NFE) spent on it, its prefill calls
-  and, with ``trace=True``, every step of every block.
-  """
+
+def _inputs(params, config, prompts, strategy, gen_length, block_length, rng):
+  """Checks a batch and lays it out: (layout, plan, static rule, the program's arguments)."""
   if not isinstance(strategy, (SPD, Threshold)):
     raise TypeError(f"strategy must be SPD(...) or Threshold(...), got {strategy!r}")
   if isinstance(strategy, SPD) and not 1 <= strategy.top_k:
@@ -353,8 +352,43 @@ def generate(params, config: ModelConfig, prompts, *, strategy, gen_length: int,
   if rng is None:
     rng = jax.random.key(0)
   rule, hp = _split_strategy(strategy)
-  canvas, nfe, traces = _generate_jit(params, config, rule, hp, layout, jnp.asarray(plan["canvas"]),
-                                      jnp.asarray(plan["shift"]), jnp.asarray(plan["n_dec"]), rng, trace)
+  args = (params, hp, jnp.asarray(plan["canvas"]), jnp.asarray(plan["shift"]), jnp.asarray(plan["n_dec"]), rng)
+  return layout, plan, rule, args
+
+
+def _program(config, rule, layout, trace, args):
+  """The compiled program for these static settings and argument types, compiled ahead of time on first use."""
+  leaves, treedef = jax.tree.flatten(args)
+  key = (config, rule, layout, trace, treedef, jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision,
+         tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
+  if key in _PROGRAMS:
+    _PROGRAMS.move_to_end(key)
+  else:
+    params, hp, *rest = args
+    _PROGRAMS[key] = _generate_jit.lower(params, config, rule, hp, layout, *rest, trace).compile()
+    while len(_PROGRAMS) > _MAX_PROGRAMS:
+      _PROGRAMS.popitem(last=False)
+  return _PROGRAMS[key]
+
+
+def prepare(params, config: ModelConfig, prompts, *, strategy, gen_length: int, block_length: int = 32,
+            trace: bool = False) -> None:
+  """Compiles the program ``generate`` runs for this batch (its shapes and static settings) without running it,
+  so that a timer around ``generate`` measures decoding alone. Raises what ``generate`` would for a bad batch."""
+  layout, _, rule, args = _inputs(params, config, prompts, strategy, gen_length, block_length, None)
+  _program(config, rule, layout, trace, args)
+
+
+def generate(params, config: ModelConfig, prompts, *, strategy, gen_length: int, block_length: int = 32, rng=None,
+             trace: bool = False) -> list[Generation]:
+  """Decodes a batch of prompts (lists of token ids, any lengths) with SPD or the threshold baseline.
+
+  Returns one ``Generation`` per prompt: the generated ids up to (excluding)
+  the first eos, the decoding forwards (NFE) spent on it, its prefill calls
+  and, with ``trace=True``, every step of every block.
+  """
+  layout, plan, rule, args = _inputs(params, config, prompts, strategy, gen_length, block_length, rng)
+  canvas, nfe, traces = _program(config, rule, layout, trace, args)(*args)
   canvas, nfe = np.asarray(canvas), np.asarray(nfe)
   traces = jax.tree.map(np.asarray, traces) if trace else None
   out = []
@@ -371,7 +405,7 @@ def generate(params, config: ModelConfig, prompts, *, strategy, gen_length: int,
         for s in range(K):
           if traces["valid"][d, s, i]:
             steps.append(TraceStep(
-                block=int(plan["first"][i]) + d, step=s, tokens=traces["tokens"][d, s, i].tolist(),
+                block=d, step=s, tokens=traces["tokens"][d, s, i].tolist(),
                 status=[STATUS[c] for c in traces["status"][d, s, i]], confidence=traces["conf"][d, s, i].tolist()))
     out.append(Generation(tokens=gen.tolist(), nfe=int(nfe[i]), prefill_calls=int(plan["first"][i] > 0), trace=steps))
   return out

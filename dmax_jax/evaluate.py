@@ -4,11 +4,16 @@ Every question of a GSM8K-format JSONL file (``{"question", "answer"}``, the
 answer ending in ``#### n``; ``id`` optional, else the line number) is
 decoded with the math prompt (question + ``MATH_SUFFIX`` in the chat
 template) under each (strategy, threshold), through ``runner.run``. Records go
-to one JSONL file keyed by (strategy, threshold, id), so a killed evaluation
-resumes where it stopped. Each record also holds ``reference``,
-``prediction`` and ``correct``. The report (JSON + Markdown) gives, per
-(strategy, threshold): accuracy, mean TPF (tokens / decoding forwards, and
-with the prefill forward counted as DMax's evaluation does), tokens/s.
+to one JSONL file keyed like ``decode.py``'s (``runner.KEY_FIELDS``: the id,
+the prompt's token ids and every decoding setting, the checkpoint included),
+so a killed evaluation resumes where it stopped and a rerun with other
+settings never reuses a record made with different ones. Each record also
+holds ``reference``, ``prediction`` and ``correct``. The report (JSON +
+Markdown) gives, per (strategy, threshold): accuracy over every question
+(those rejected as too long, or failed, count as wrong, and their number is
+given), mean TPF (tokens / decoding forwards, and with the prefill forward
+counted as DMax's evaluation does), tokens/s of decoding (compilation
+excluded).
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ from typing import Optional, Sequence
 import numpy as np
 
 from dmax_jax import cli, gsm8k, runner
-from dmax_jax.records import RecordWriter, read_records, record_key
+from dmax_jax.records import RecordWriter, check_writable, read_records, record_key, write_atomic
 
-KEY_FIELDS = ("strategy", "threshold", "id")
+FIELDS = ("id", "question", "answer")  # what a GSM8K line gives
 
 
-def read_gsm8k(path: str, tokenizer, limit: Optional[int] = None) -> tuple[list[runner.Request], list[str]]:
+def read_gsm8k(path: str, tokenizer, limit: Optional[int] = None,
+               notes: Optional[list] = None) -> tuple[list[runner.Request], list[str]]:
   """Requests (meta: the normalised reference) of a GSM8K-format file, and its line errors."""
 
   def parse(obj, number):
@@ -40,7 +46,7 @@ def read_gsm8k(path: str, tokenizer, limit: Optional[int] = None) -> tuple[list[
     return runner.Request(runner.line_id(obj, number), "", text, ids,
                           meta={"reference": gsm8k.reference_answer(obj["answer"])})
 
-  requests, errors = runner.read_jsonl(path, parse)
+  requests, errors = runner.read_jsonl(path, parse, FIELDS, notes)
   return (requests if limit is None else requests[:limit]), errors
 
 
@@ -50,17 +56,26 @@ def score(record: dict) -> dict:
   return dict(record, prediction=prediction, correct=prediction == record["reference"])
 
 
-def summarize(records: Sequence[dict], strategy: str, threshold: float, ids: Sequence) -> dict:
-  """Metrics of one (strategy, threshold) over the records of ``ids``."""
-  wanted = {record_key({"strategy": strategy, "threshold": threshold, "id": i}, KEY_FIELDS) for i in ids}
-  rows = [r for r in records if record_key(r, KEY_FIELDS) in wanted]
+def select(records: Sequence[dict], requests: Sequence[runner.Request], settings: dict) -> list[dict]:
+  """The records of ``requests`` made with ``settings`` (``runner.decoding_settings``)."""
+  wanted = {record_key(runner.identity(r, settings), runner.KEY_FIELDS) for r in requests}
+  return [r for r in records if record_key(r, runner.KEY_FIELDS) in wanted]
+
+
+def summarize(rows: Sequence[dict], strategy: str, threshold: float, of: int, rejected: int = 0) -> dict:
+  """Metrics of one (strategy, threshold) from its records ``rows``, out of ``of`` questions.
+
+  Accuracy counts every question without a record (rejected as too long, or
+  failed) as wrong; ``rejected`` is how many were rejected before decoding.
+  The speed figures are over the decoded records.
+  """
   tokens = sum(r["num_tokens"] for r in rows)
   seconds = sum(r["seconds"] for r in rows)
   nfe = sum(r["nfe"] for r in rows)
   prefill = sum(r["prefill_calls"] for r in rows)
   return {
-      "strategy": strategy, "threshold": threshold, "n": len(rows), "of": len(ids),
-      "accuracy": float(np.mean([r["correct"] for r in rows])) if rows else 0.0,
+      "strategy": strategy, "threshold": threshold, "n": len(rows), "of": of, "rejected": rejected,
+      "accuracy": sum(bool(r["correct"]) for r in rows) / of if of else 0.0,
       "mean_tpf": float(np.mean([r["tpf"] for r in rows])) if rows else 0.0,
       "tpf": tokens / nfe if nfe else 0.0,
       "tpf_with_prefill": tokens / (nfe + prefill) if nfe + prefill else 0.0,
@@ -70,12 +85,12 @@ def summarize(records: Sequence[dict], strategy: str, threshold: float, ids: Seq
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-  lines = ["| strategy | threshold | n | accuracy | mean TPF | TPF (+prefill) | tokens/s | mean tokens |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+  lines = ["| strategy | threshold | decoded | rejected | accuracy | mean TPF | TPF (+prefill) | tokens/s | mean tokens |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
-    lines.append(f"| {r['strategy']} | {r['threshold']} | {r['n']}/{r['of']} | {100 * r['accuracy']:.1f}% | "
-                 f"{r['mean_tpf']:.2f} | {r['tpf_with_prefill']:.2f} | {r['tokens_per_second']:.1f} | "
-                 f"{r['mean_tokens']:.1f} |")
+    lines.append(f"| {r['strategy']} | {r['threshold']} | {r['n']}/{r['of']} | {r['rejected']} | "
+                 f"{100 * r['accuracy']:.1f}% | {r['mean_tpf']:.2f} | {r['tpf_with_prefill']:.2f} | "
+                 f"{r['tokens_per_second']:.1f} | {r['mean_tokens']:.1f} |")
   return "\n".join(lines) + "\n"
 
 
@@ -110,30 +125,49 @@ def _evaluate(args) -> int:
     raise runner.UsageError(f"--limit must be positive, got {args.limit}")
   if not os.path.isfile(args.data):
     raise runner.UsageError(f"{args.data}: no such file")
-  config, params, tokenizer = runner.load_model(args.checkpoint, args.dtype)
-  requests, errors = read_gsm8k(args.data, tokenizer, args.limit)
-  requests, too_long = runner.check_prompts(requests, config, args.gen_length, args.block_length)
-  errors += too_long
-  cli.report_errors(errors)
-  with RecordWriter(args.output, KEY_FIELDS) as writer:
+  prefix = args.report or os.path.splitext(args.output)[0]
+  for path in (prefix + ".json", prefix + ".md"):
+    check_writable(path)
+  with RecordWriter(args.output, runner.KEY_FIELDS) as writer:  # checked before the model loads
+    config, params, tokenizer = runner.load_model(args.checkpoint, args.dtype)
+    notes = []
+    questions, errors = read_gsm8k(args.data, tokenizer, args.limit, notes)
+    cli.report_notes(notes)
+    requests, too_long = runner.check_prompts(questions, config, args.gen_length, args.block_length)
+    if questions and not requests:
+      cli.report_errors(errors)
+      cli.report_errors([f"{args.data}: all {len(questions)} questions rejected, so no report was written; "
+                         f"the first: {too_long[0]}"])
+      return 1
+    errors += too_long
+    cli.report_errors(errors)
+    checkpoint = runner.checkpoint_settings(args.checkpoint, args.dtype, args.seed)
     for name, strategy in configs:
       result = runner.run(
           requests, params=params, config=config, tokenizer=tokenizer, strategy=strategy,
           gen_length=args.gen_length, block_length=args.block_length, batch_size=args.batch_size, writer=writer,
-          seed=args.seed, desc=f"{name} {strategy.threshold}", progress=not args.no_progress, annotate=score)
+          seed=args.seed, desc=f"{name} {strategy.threshold}", progress=not args.no_progress, annotate=score,
+          settings=checkpoint)
       cli.report_errors(result.errors)
       errors += result.errors
   records = read_records(args.output)
-  ids = [r.id for r in requests]
-  rows = [summarize(records, name, strategy.threshold, ids) for name, strategy in configs]
-  prefix = args.report or os.path.splitext(args.output)[0]
+  rows = []
+  for name, strategy in configs:
+    settings = runner.decoding_settings(strategy, args.gen_length, args.block_length, checkpoint)
+    rows.append(summarize(select(records, requests, settings), name, strategy.threshold, len(questions),
+                          len(too_long)))
+  if not any(r["n"] for r in rows):
+    cli.report_errors([f"{args.data}: no question could be decoded, so no report was written"])
+    return 1
   table = markdown_table(rows)
-  with open(prefix + ".json", "w") as f:
-    json.dump({"checkpoint": args.checkpoint, "data": args.data, "gen_length": args.gen_length,
-               "block_length": args.block_length, "results": rows}, f, indent=2)
-  with open(prefix + ".md", "w") as f:
-    f.write(f"GSM8K `{args.data}` with `{args.checkpoint}` (gen length {args.gen_length}, block {args.block_length})\n\n")
-    f.write(table)
+  report = {"checkpoint": args.checkpoint, "data": args.data, "gen_length": args.gen_length,
+            "block_length": args.block_length, "questions": len(questions), "rejected": len(too_long),
+            "results": rows}
+  write_atomic(prefix + ".json", json.dumps(report, indent=2))
+  rejected = (f"; {len(too_long)} of {len(questions)} questions rejected as too long, counted as wrong"
+              if too_long else "")
+  write_atomic(prefix + ".md", f"GSM8K `{args.data}` with `{args.checkpoint}` (gen length {args.gen_length}, "
+                               f"block {args.block_length}{rejected})\n\n{table}")
   print(table, end="")
   print(f"report: {prefix}.json, {prefix}.md; total wall {time.perf_counter() - t0:.1f} s", file=sys.stderr)
   return 1 if errors else 0

@@ -285,7 +285,7 @@ def _write_safetensors(fpath: str, specs, values) -> None:
 
 def save_hf_checkpoint(
     params, cfg: ModelConfig, out_dir: str, *, shard_bytes: int = 5 * 10**9, merged_experts: bool = False,
-    dtype=None, extra_files: Optional[dict[str, str]] = None,
+    dtype=None, extra_files: Optional[dict[str, str]] = None, config: Optional[dict] = None,
 ):
   """Writes params as a Hugging Face checkpoint: config.json + safetensors shards.
 
@@ -296,10 +296,13 @@ def save_hf_checkpoint(
   written one HF tensor at a time, so only one tensor is ever in memory.
   The directory is written under a temporary name and renamed at the end,
   so a crash leaves no half-written checkpoint.
-  ``extra_files`` maps file names to source paths copied beside the weights.
+  ``extra_files`` maps file names to source paths copied beside the weights;
+  ``config`` is the ``config.json`` to write (default ``cfg.to_hf_dict()``).
   """
   import shutil  # pylint: disable=import-outside-toplevel
 
+  if shard_bytes <= 0:
+    raise ValueError(f"shard_bytes must be positive, got {shard_bytes}")
   if os.path.exists(out_dir):
     raise CheckpointError(f"{out_dir}: already exists; choose a new output directory")
   tmp = out_dir.rstrip("/") + ".partial"
@@ -337,7 +340,7 @@ def save_hf_checkpoint(
       with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(cfg.to_hf_dict(), f, indent=2)
+      json.dump(cfg.to_hf_dict() if config is None else config, f, indent=2)
     for name, src in (extra_files or {}).items():
       shutil.copyfile(src, os.path.join(tmp, name))
     os.rename(tmp, out_dir)

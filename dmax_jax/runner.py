@@ -17,13 +17,21 @@ Records (one per prompt, written as soon as its batch finishes): id, prompt
 (the input text; the rendered chat for ``messages``), output (decoded text up
 to the first eos), tokens (generated ids), num_tokens, nfe (decoding
 forwards), prefill_calls, tpf (num_tokens / nfe), seconds (this prompt's
-share of its batch's wall time, so they sum to the run's wall time),
-batch_seconds, batch_size, and the decoding settings.
+share of its batch's decoding time, compilation excluded), batch_seconds,
+batch_size, the decoding settings, and the key a rerun resumes by
+(``KEY_FIELDS``): prompt_hash (a digest of the prompt's token ids, so the
+text, chat template, suffix and tokenizer all count) and settings (every
+setting the generation depends on: strategy fields, lengths, checkpoint path
+and fingerprint, dtype, seed). A rerun skips only records whose key matches;
+records made with other settings stay in the file and are not reused. The
+"training" record format keeps just the key and ``messages`` (the prompt's
+conversation plus the generated answer), which ``train.py`` reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -38,7 +46,7 @@ from dmax_jax import checkpoint, decoding
 from dmax_jax.config import ConfigError
 from dmax_jax.hf import CheckpointError
 from dmax_jax.records import RecordWriter
-from dmax_jax.tokenizer import MATH_SUFFIX, TokenizerError, load_tokenizer
+from dmax_jax.tokenizer import MATH_SUFFIX, ChatTemplateError, TokenizerError, load_tokenizer
 
 PROMPT_FIELDS = ("question", "messages", "prompt")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -57,6 +65,7 @@ class Request:
   text: str
   ids: list[int]
   meta: dict = dataclasses.field(default_factory=dict)
+  messages: Optional[list] = None  # the conversation the prompt renders (None for a raw "prompt")
 
 
 @dataclasses.dataclass
@@ -112,6 +121,16 @@ def prompt_from_fields(obj: Any, tokenizer, math: bool) -> tuple[str, list[int]]
   return value, tokenizer.encode(value)
 
 
+def prompt_messages(obj: dict, math: bool) -> Optional[list[dict]]:
+  """The conversation a checked input object renders: its "messages", or its "question" as one user turn (with
+  the math suffix when ``math``); None for a raw "prompt", which has no conversation."""
+  if "messages" in obj:
+    return [{"role": m["role"], "content": m["content"]} for m in obj["messages"]]
+  if "question" in obj:
+    return [{"role": "user", "content": obj["question"] + (MATH_SUFFIX if math else "")}]
+  return None
+
+
 def line_id(obj, number: int):
   """A request's id: the object's "id" (a string or an integer) or else its line number."""
   if isinstance(obj, dict) and "id" in obj:
@@ -122,26 +141,40 @@ def line_id(obj, number: int):
   return number
 
 
-def read_jsonl(path: str, parse) -> tuple[list, list[str]]:
+def read_jsonl(path: str, parse, known: Optional[Sequence[str]] = None,
+               notes: Optional[list] = None) -> tuple[list, list[str]]:
   """Applies ``parse(obj, line_number)`` to each non-blank line; returns (results, "FILE:LINE: problem" errors).
 
   ``parse`` returns a Request (or raises ValueError); ids must be unique.
+  Lines must be UTF-8. With ``known`` (the fields the reader uses), fields
+  outside it are collected into one note appended to ``notes``.
   """
   if not os.path.isfile(path):
     raise UsageError(f"{path}: no such file")
-  results, errors, seen = [], [], {}
-  with open(path, encoding="utf-8", errors="replace") as f:
-    for number, line in enumerate(f, start=1):
+  results, errors, seen, unknown = [], [], {}, {}
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, start=1):
+      where = f"{path}:{number}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        errors.append(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+        continue
       if not line.strip():
         continue
-      where = f"{path}:{number}"
       try:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
         errors.append(f"{where}: not valid JSON ({e.msg})")
         continue
+      if known is not None and isinstance(obj, dict):
+        for field in obj:
+          if field not in known:
+            unknown.setdefault(field, number)
       try:
         request = parse(obj, number)
+      except ChatTemplateError as e:
+        raise UsageError(str(e)) from None
       except ValueError as e:
         errors.append(f"{where}: {e}")
         continue
@@ -152,18 +185,22 @@ def read_jsonl(path: str, parse) -> tuple[list, list[str]]:
       seen[key] = number
       request.where = where
       results.append(request)
+  if unknown and notes is not None:
+    fields = ", ".join(f"{json.dumps(k)} (line {n})" for k, n in unknown.items())
+    notes.append(f"{path}: ignoring unknown fields {fields}; the fields read are {', '.join(known)}")
   return results, errors
 
 
-def read_prompts(path: str, tokenizer, math: bool = False) -> tuple[list[Request], list[str]]:
+def read_prompts(path: str, tokenizer, math: bool = False,
+                 notes: Optional[list] = None) -> tuple[list[Request], list[str]]:
   """The requests of a prompts JSONL file (see the module docstring) and its line errors."""
 
   def parse(obj, number):
     rid = line_id(obj, number)
     text, ids = prompt_from_fields(obj, tokenizer, math)
-    return Request(rid, "", text, ids)
+    return Request(rid, "", text, ids, messages=prompt_messages(obj, math))
 
-  return read_jsonl(path, parse)
+  return read_jsonl(path, parse, ("id",) + PROMPT_FIELDS, notes)
 
 
 def check_prompts(requests: Sequence[Request], config, gen_length: int, block_length: int):
@@ -218,6 +255,45 @@ def strategy_fields(strategy) -> dict:
   return {"strategy": "spd" if isinstance(strategy, decoding.SPD) else "threshold", **dataclasses.asdict(strategy)}
 
 
+# ---------------------------------------------------------------- identity
+
+KEY_FIELDS = ("id", "prompt_hash", "settings")  # what a finished record is resumed by
+RECORD_FORMATS = ("full", "training")
+
+
+def prompt_hash(ids: Sequence[int]) -> str:
+  """A short digest of a prompt's token ids: it changes with the text, the chat template, the suffix, the tokenizer."""
+  return hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest()[:16]
+
+
+def checkpoint_fingerprint(path: str) -> str:
+  """A digest of every file's relative path, size and modification time under ``path`` (cheap: nothing is read),
+  so a checkpoint rewritten in place is told apart from the one a record was made with."""
+  entries = []
+  for root, dirs, files in os.walk(path):
+    dirs.sort()
+    for name in sorted(files):
+      st = os.stat(os.path.join(root, name))
+      entries.append([os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns])
+  return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+def checkpoint_settings(path: str, dtype: str, seed: int) -> dict:
+  """The run-level settings that change a generation besides the strategy and the lengths."""
+  return {"checkpoint": os.path.abspath(path), "checkpoint_fingerprint": checkpoint_fingerprint(path),
+          "dtype": dtype, "seed": seed}
+
+
+def decoding_settings(strategy, gen_length: int, block_length: int, settings: Optional[dict] = None) -> dict:
+  """Every setting a record's generation depends on (the ``settings`` field of its key)."""
+  return {**strategy_fields(strategy), "gen_length": gen_length, "block_length": block_length, **(settings or {})}
+
+
+def identity(request: Request, settings: dict) -> dict:
+  """The key fields of ``request``'s record under ``settings`` (``decoding_settings``)."""
+  return {"id": request.id, "prompt_hash": prompt_hash(request.ids), "settings": settings}
+
+
 # ---------------------------------------------------------------- running
 
 def _generate_batch(params, config, batch, settings, errors):
@@ -238,34 +314,53 @@ def _generate_batch(params, config, batch, settings, errors):
 
 def run(requests: Sequence[Request], *, params, config, tokenizer, strategy, gen_length: int, block_length: int,
         batch_size: int, writer: RecordWriter, trace: bool = False, seed: int = 0, desc: str = "prompts",
-        progress: bool = True, annotate: Optional[Callable[[dict], dict]] = None) -> RunResult:
+        progress: bool = True, annotate: Optional[Callable[[dict], dict]] = None, settings: Optional[dict] = None,
+        record_format: str = "full") -> RunResult:
   """Decodes every request not yet in ``writer``, shortest prompts first, ``batch_size`` at a time.
 
-  Each batch's records are written (and fsynced) as soon as it finishes;
-  ``annotate`` may add fields to a record before it is written.
+  A request counts as done when ``writer`` holds its ``identity``: its id,
+  its prompt's token ids and every decoding setting (``settings`` adds the
+  run-level ones, e.g. ``checkpoint_settings``). Each batch's records are
+  written (and fsynced) as soon as it finishes; ``annotate`` may add fields
+  to a record before it is written. ``record_format`` "training" writes
+  ``{"messages": the prompt's conversation + the generated answer}`` plus the
+  key fields instead (the requests need ``messages``). Each batch shape's
+  program is compiled before its timer starts, so seconds and tokens/s are
+  decoding alone.
   """
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
+  if record_format not in RECORD_FORMATS:
+    raise ValueError(f"record_format must be one of {RECORD_FORMATS}, got {record_format!r}")
   fields = strategy_fields(strategy)
-  pending = [r for r in requests if not writer.has({"id": r.id, **fields, **r.meta})]
+  key_settings = decoding_settings(strategy, gen_length, block_length, settings)
+  pending = [r for r in requests if not writer.has(identity(r, key_settings))]
   pending.sort(key=lambda r: len(r.ids))  # stable: equal lengths keep input order
   result = RunResult([], [], [], len(requests) - len(pending), 0.0)
   rng = jax.random.key(seed)
   bar = tqdm(total=len(requests), initial=result.skipped, desc=desc, unit="prompt", file=sys.stderr,
              disable=not progress, dynamic_ncols=True)
-  settings = dict(strategy=strategy, gen_length=gen_length, block_length=block_length, trace=trace)
+  engine = dict(strategy=strategy, gen_length=gen_length, block_length=block_length, trace=trace)
   for start in range(0, len(pending), batch_size):
     chunk = pending[start:start + batch_size]
     rng, key = jax.random.split(rng)
+    try:
+      decoding.prepare(params, config, [r.ids for r in chunk], **engine)  # compile outside the timer
+    except ValueError:
+      pass  # generate raises it again, prompt by prompt
     t0 = time.perf_counter()
-    batch, gens = _generate_batch(params, config, chunk, dict(settings, rng=key), result.errors)
+    batch, gens = _generate_batch(params, config, chunk, dict(engine, rng=key), result.errors)
     seconds = time.perf_counter() - t0
     result.seconds += seconds
     records = [_record(r, g, tokenizer, fields, seconds, len(batch), gen_length, block_length)
                for r, g in zip(batch, gens)]
+    records = [dict(rec, **identity(r, key_settings)) for r, rec in zip(batch, records)]
     if annotate is not None:
       records = [annotate(rec) for rec in records]
-    writer.write(records)
+    if record_format == "training":
+      writer.write([training_record(r, rec) for r, rec in zip(batch, records)])
+    else:
+      writer.write(records)
     result.records += records
     if trace:
       result.traces += [{"record": rec, "prompt_ids": r.ids, "steps": g.trace} for r, g, rec in zip(batch, gens, records)]
@@ -273,6 +368,14 @@ def run(requests: Sequence[Request], *, params, config, tokenizer, strategy, gen
     bar.set_postfix(tok_s=f"{result.tokens_per_second:.1f}", tpf=f"{result.mean_tpf:.2f}", refresh=False)
   bar.close()
   return result
+
+
+def training_record(request: Request, record: dict) -> dict:
+  """A record in ``train.py``'s data format: the prompt's conversation plus the generated answer (and the key)."""
+  if request.messages is None:
+    raise ValueError(f"{request.where}: a raw 'prompt' has no conversation to train on")
+  answer = {"role": "assistant", "content": record["output"]}
+  return {"messages": [*request.messages, answer], **{k: record[k] for k in KEY_FIELDS}}
 
 
 def _record(request: Request, gen, tokenizer, fields, seconds, batch_size, gen_length, block_length) -> dict:
@@ -285,8 +388,9 @@ def _record(request: Request, gen, tokenizer, fields, seconds, batch_size, gen_l
   }
 
 
-def summary_line(result: RunResult) -> str:
-  """The closing line of a run."""
-  return (f"{len(result.records)} prompts decoded ({result.skipped} already done, {len(result.errors)} failed), "
+def summary_line(result: RunResult, failed: Optional[int] = None) -> str:
+  """The closing line of a run; ``failed`` counts every prompt that failed (default: those that failed in ``run``)."""
+  failed = len(result.errors) if failed is None else failed
+  return (f"{len(result.records)} prompts decoded ({result.skipped} already done, {failed} failed), "
           f"{result.tokens} tokens, mean TPF {result.mean_tpf:.2f}, {result.tokens_per_second:.1f} tokens/s, "
           f"wall {result.seconds:.1f} s")

@@ -33,11 +33,43 @@ class TokenizerError(ValueError):
   """A tokenizer directory that cannot be used; the message names the file."""
 
 
+class ChatTemplateError(TokenizerError):
+  """A chat template that cannot be used for any prompt: it does not compile, or the sandbox stopped it."""
+
+
+class TemplateRaised(ValueError):
+  """A chat template's own ``raise_exception(message)`` (e.g. roles that do not alternate)."""
+
+
+def _raise_exception(message):
+  raise TemplateRaised(str(message))
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+  """Hugging Face's ``tojson`` filter (json.dumps, non-ASCII kept, unescaped for the template)."""
+  from markupsafe import Markup  # pylint: disable=import-outside-toplevel
+
+  return Markup(json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                           sort_keys=sort_keys))
+
+
+def _strftime_now(fmt: str) -> str:
+  import datetime  # pylint: disable=import-outside-toplevel
+
+  return datetime.datetime.now().strftime(fmt)
+
+
 def compile_chat_template(template: str):
-  """A chat template compiled in a sandboxed Jinja environment, with Hugging Face's whitespace settings."""
+  """A chat template compiled in a sandboxed Jinja environment with what transformers gives templates: its
+  whitespace settings, loop controls, ``raise_exception``, the ``tojson`` filter and ``strftime_now``."""
+  from jinja2.ext import loopcontrols  # pylint: disable=import-outside-toplevel
   from jinja2.sandbox import ImmutableSandboxedEnvironment  # pylint: disable=import-outside-toplevel
 
-  return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+  env.filters["tojson"] = _tojson
+  env.globals["raise_exception"] = _raise_exception
+  env.globals["strftime_now"] = _strftime_now
+  return env.from_string(template)
 
 
 class ChatTokenizer:
@@ -65,6 +97,7 @@ class ChatTokenizer:
     if isinstance(template, list):  # the list-of-named-templates form
       template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
     self.chat_template: Optional[str] = template
+    self.template_source = cfg_path if template else "the built-in LLaDA2 chat template"
     self._compiled = None
     self.path = path
 
@@ -84,11 +117,29 @@ class ChatTokenizer:
 
   # ---- chat ----
   def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-    """The chat template applied to ``messages`` ([{"role", "content"}, ...])."""
-    if self._compiled is None:
-      self._compiled = compile_chat_template(self.chat_template or LLADA2_CHAT_TEMPLATE)
-    special = {k: v for k, v in self.config.items() if k.endswith("_token") and isinstance(v, str)}
-    return self._compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt, **special)
+    """The chat template applied to ``messages`` ([{"role", "content"}, ...]).
+
+    A ``raise_exception`` in the template raises ``TemplateRaised`` (its
+    message); a template the sandbox stops raises ``ChatTemplateError`` and
+    any other template failure ``TokenizerError``, each naming the file.
+    """
+    import jinja2  # pylint: disable=import-outside-toplevel
+    from jinja2.sandbox import SecurityError  # pylint: disable=import-outside-toplevel
+
+    where = self.template_source
+    try:
+      if self._compiled is None:
+        self._compiled = compile_chat_template(self.chat_template or LLADA2_CHAT_TEMPLATE)
+      special = {k: v for k, v in self.config.items() if k.endswith("_token") and isinstance(v, str)}
+      return self._compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt, **special)
+    except TemplateRaised as e:
+      raise TemplateRaised(f"the chat template of {where} refused it: {e}") from None
+    except SecurityError as e:
+      raise ChatTemplateError(f"{where}: the chat template tried something unsafe, stopped by the sandbox ({e})") from None
+    except jinja2.TemplateSyntaxError as e:
+      raise ChatTemplateError(f"{where}: the chat template does not compile (line {e.lineno}: {e.message})") from None
+    except jinja2.TemplateError as e:
+      raise TokenizerError(f"{where}: the chat template failed ({type(e).__name__}: {e})") from None
 
   def chat_ids(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
     return self.encode(self.render_chat(messages, add_generation_prompt))

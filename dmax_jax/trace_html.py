@@ -1,10 +1,12 @@
 """A self-contained HTML page that replays decoding step by step.
 
-For every prompt: its blocks in order, and for each block one row per step
-showing the block's tokens coloured by status (prompt, still masked, newly
-decoded, revised, same as before), the model's confidence as the colour's
-strength and, on hover, the token, its id, status and confidence. Inline CSS
-and a few lines of inline JS (a "last step only" toggle); no network.
+For every prompt: its blocks in order, numbered from 1 at the start of the
+generation (block 1 holds the first generated token; its leading positions
+may still be prompt), and for each block one row per step showing the
+block's tokens coloured by status (prompt, still masked, newly decoded,
+revised, same as before), the model's confidence as the colour's strength
+and, on hover, the token, its id, status and confidence. Inline CSS and a few
+lines of inline JS (a "last step only" toggle); no network.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import html
 from typing import Sequence
 
 from dmax_jax.decoding import STATUS
+from dmax_jax.records import write_atomic
 
 _LABELS = {"prompt": "prompt", "mask": "masked", "new": "newly decoded", "revised": "revised",
            "same": "decoded earlier, unchanged"}
@@ -90,7 +93,7 @@ def _prompt_section(item: dict, tokenizer, mask_id: int, cache: dict) -> str:
       f'<div>output:</div><pre>{html.escape(rec["output"])}</pre>',
   ]
   for b, bsteps in blocks.items():
-    parts.append(f'<div class="blk"><h3>block {b} ({len(bsteps)} step{"s" if len(bsteps) != 1 else ""})</h3><table>'
+    parts.append(f'<div class="blk"><h3>block {b + 1} ({len(bsteps)} step{"s" if len(bsteps) != 1 else ""})</h3><table>'
                  f"{_block_rows(bsteps, tokenizer, mask_id, cache)}</table></div>")
   parts.append("</section>")
   return "".join(parts)
@@ -112,5 +115,5 @@ def render(items: Sequence[dict], tokenizer, mask_id: int, title: str = "dmax_ja
 
 
 def write(path: str, items: Sequence[dict], tokenizer, mask_id: int, title: str = "dmax_jax decoding trace"):
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(render(items, tokenizer, mask_id, title))
+  """Writes the page (whole or not at all: ``records.write_atomic``)."""
+  write_atomic(path, render(items, tokenizer, mask_id, title))

@@ -1,5 +1,6 @@
 """Params checkpoints: HF -> Orbax -> HF round trips, restore, and the CLIs' errors on bad input."""
 
+import errno
 import importlib.util
 import json
 import os
@@ -57,7 +58,17 @@ def test_round_trip_is_bit_identical(tiny_dir, converted, tmp_path):
     assert got[name].dtype == w.dtype == np.float32 and got[name].shape == w.shape, name
     np.testing.assert_array_equal(got[name], w, err_msg=name)
   assert load_hf_config(out) == load_hf_config(tiny_dir)
-
+  # every key of the source config.json (dtype, use_cache, ...) and its generation_config.json survive
+  source = json.load(open(os.path.join(tiny_dir, "config.json")))
+  assert {"dtype", "use_cache", "transformers_version"} <= set(source)
+  for path in (converted, out):
+    assert json.load(open(os.path.join(path, "config.json"))) == source, path
+    with open(os.path.join(path, "generation_config.json"), "rb") as f, \
+        open(os.path.join(tiny_dir, "generation_config.json"), "rb") as g:
+      assert f.read() == g.read(), path
+  bf16 = str(tmp_path / "hf_bf16")
+  ckpt_lib.export_hf(converted, bf16, dtype="bfloat16", progress=False)
+  assert json.load(open(os.path.join(bf16, "config.json"))) == dict(source, dtype="bfloat16")
 
 def test_load_checkpoint_reproduces_golden_logits(converted, golden):
   cfg, params = ckpt_lib.load_checkpoint(converted)
@@ -235,6 +246,87 @@ def test_export_bad_input_errors(tiny_dir, converted, tmp_path):
   r = _run_cli("export_hf", ["--checkpoint", converted, "--out", tiny_dir])
   assert r.returncode == 2 and r.stderr.strip() == f"error: {tiny_dir}: already exists; choose a new output directory"
   assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "o.partial")
+
+
+def _error_lines(err: str, progress: str) -> list[str]:
+  """stderr minus the progress bar's lines (tqdm redraws with carriage returns)."""
+  assert "Traceback" not in err and "WARNING" not in err, err
+  return [l for l in err.replace("\r", "\n").splitlines() if l.strip() and not l.startswith(progress)]
+
+
+def broken_copies(converted, root) -> dict:
+  """Damaged copies of a params checkpoint: {case: (directory, the file the error must name)}."""
+  cases = {}
+  for case in ("chunk", "metadata", "zarray"):
+    bad = root / case
+    shutil.copytree(converted, bad)
+    if case == "chunk":
+      victim = bad / "params" / "moe.w_up" / "0.3.0.0"
+      victim.write_bytes(b"garbage")
+    elif case == "metadata":
+      victim = bad / "params" / "_METADATA"
+      victim.write_bytes(victim.read_bytes()[:100])
+    else:
+      victim = bad / "params" / "embed" / ".zarray"
+      victim.write_text('{"shape": [')
+    cases[case] = (str(bad), str(victim))
+  return cases
+
+
+def test_broken_checkpoints_give_one_line_on_export(converted, tmp_path, capsys):
+  export = _tool("export_hf")
+  for case, (path, victim) in broken_copies(converted, tmp_path / "in").items():
+    out = tmp_path / f"out_{case}"
+    assert export.main(["--checkpoint", path, "--out", str(out)]) == 2, case
+    (line,) = _error_lines(capsys.readouterr().err, "export:")
+    assert line.startswith("error: ") and victim in line, (case, line)
+    assert not out.exists() and not (tmp_path / f"out_{case}.partial").exists(), case
+  assert export.main(["--checkpoint", converted, "--out", str(tmp_path / "o"), "--shard-size", "0"]) == 2
+  assert capsys.readouterr().err.strip() == "error: --shard-size must be positive, got 0 bytes"
+  assert not (tmp_path / "o").exists()
+
+
+def _disk_full(*args, **kwargs):
+  raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_during_convert_and_export(tiny_dir, converted, tmp_path, capsys, monkeypatch):
+  """A write that fails (ENOSPC) gives one line and exit 1, and leaves neither the output nor its staging copy."""
+  from dmax_jax import hf  # pylint: disable=import-outside-toplevel
+
+  calls = []
+  real_write = ckpt_lib.ParamsWriter.write
+
+  def fill_up(self, *args):
+    calls.append(1)
+    if len(calls) > 3:
+      _disk_full()
+    return real_write(self, *args)
+
+  monkeypatch.setattr(ckpt_lib.ParamsWriter, "write", fill_up)
+  out = tmp_path / "ckpt"
+  assert _tool("convert_hf").main(["--hf", tiny_dir, "--out", str(out)]) == 1
+  (line,) = _error_lines(capsys.readouterr().err, "convert:")
+  assert line == f"error: {out}: No space left on device; nothing was written to {out}"
+  assert sorted(os.listdir(tmp_path)) == []
+
+  real_shard = hf._write_safetensors
+
+  def half_shard(fpath, specs, values):
+    if calls.count(2) >= 1:
+      with open(fpath, "wb") as f:
+        f.write(b"half a shard")
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), fpath)
+    calls.append(2)
+    return real_shard(fpath, specs, values)
+
+  monkeypatch.setattr(hf, "_write_safetensors", half_shard)
+  out = tmp_path / "hf"
+  assert _tool("export_hf").main(["--checkpoint", converted, "--out", str(out), "--shard-size", "300KB"]) == 1
+  (line,) = _error_lines(capsys.readouterr().err, "export:")
+  assert line.startswith(f"error: {out}.partial/model-00002-of-") and line.endswith(
+      f": No space left on device; nothing was written to {out}")
+  assert sorted(os.listdir(tmp_path)) == []
 
 
 def test_load_checkpoint_errors(tmp_path, converted):

@@ -35,21 +35,28 @@ def data(tmp_path):
 
 def test_summarize_by_hand():
   rows = [
-      {"strategy": "spd", "threshold": 0.5, "id": 1, "correct": True, "num_tokens": 10, "nfe": 5, "prefill_calls": 1,
-       "tpf": 2.0, "seconds": 1.0},
-      {"strategy": "spd", "threshold": 0.5, "id": 2, "correct": False, "num_tokens": 6, "nfe": 1, "prefill_calls": 1,
-       "tpf": 6.0, "seconds": 3.0},
-      {"strategy": "spd", "threshold": 0.7, "id": 1, "correct": False, "num_tokens": 1, "nfe": 1, "prefill_calls": 1,
-       "tpf": 1.0, "seconds": 1.0},  # another threshold
-      {"strategy": "spd", "threshold": 0.5, "id": 9, "correct": False, "num_tokens": 1, "nfe": 1, "prefill_calls": 1,
-       "tpf": 1.0, "seconds": 1.0},  # an id outside the evaluated set
+      {"correct": True, "num_tokens": 10, "nfe": 5, "prefill_calls": 1, "tpf": 2.0, "seconds": 1.0},
+      {"correct": False, "num_tokens": 6, "nfe": 1, "prefill_calls": 1, "tpf": 6.0, "seconds": 3.0},
   ]
-  s = evaluate.summarize(rows, "spd", 0.5, [1, 2, 3])
-  assert (s["n"], s["of"]) == (2, 3)
-  assert s["accuracy"] == 0.5 and s["mean_tpf"] == 4.0
+  s = evaluate.summarize(rows, "spd", 0.5, of=4, rejected=1)  # one rejected, one failed: both count as wrong
+  assert (s["n"], s["of"], s["rejected"]) == (2, 4, 1)
+  assert s["accuracy"] == 1 / 4 and s["mean_tpf"] == 4.0
   assert s["tpf"] == 16 / 6 and s["tpf_with_prefill"] == 16 / 8 and s["tokens_per_second"] == 16 / 4
   table = evaluate.markdown_table([s])
-  assert "| spd | 0.5 | 2/3 | 50.0% | 4.00 | 2.00 | 4.0 | 8.0 |" in table
+  assert "| spd | 0.5 | 2/4 | 1 | 25.0% | 4.00 | 2.00 | 4.0 | 8.0 |" in table
+
+
+def test_select_keys_on_prompt_and_every_setting():
+  from dmax_jax import runner  # pylint: disable=import-outside-toplevel
+
+  reqs = [runner.Request(1, "", "q1", [5, 6]), runner.Request(2, "", "q2", [7])]
+  a = {"strategy": "spd", "threshold": 0.5, "gen_length": 16}
+  records = [dict(runner.identity(reqs[0], a), x=1), dict(runner.identity(reqs[1], a), x=2),
+             dict(runner.identity(reqs[0], dict(a, gen_length=32)), x=3),  # another length
+             dict(runner.identity(runner.Request(1, "", "q1", [5, 9]), a), x=4),  # same id, other prompt ids
+             dict(runner.identity(runner.Request(3, "", "q3", [1]), a), x=5)]  # an id outside the set
+  assert [r["x"] for r in evaluate.select(records, reqs, a)] == [1, 2]
+  assert [r["x"] for r in evaluate.select(records, reqs, dict(a, gen_length=32))] == [3]
 
 
 def test_score_adds_prediction_and_correctness():
@@ -82,7 +89,7 @@ def test_evaluate_end_to_end_and_resume(tmp_path, ckpt, data, capsys):
   report = json.loads((tmp_path / "eval" / "rec.json").read_text())
   assert [(r["strategy"], r["threshold"], r["n"]) for r in report["results"]] == [("spd", 0.5, 3), ("threshold", 0.5, 3)]
   md_rows = [l for l in (tmp_path / "eval" / "rec.md").read_text().splitlines() if l.startswith("| ")]
-  assert [l.split(" | ")[:3] for l in md_rows[2:]] == [["| spd", "0.5", "3/3"], ["| threshold", "0.5", "3/3"]]
+  assert [l.split(" | ")[:4] for l in md_rows[2:]] == [["| spd", "0.5", "3/3", "0"], ["| threshold", "0.5", "3/3", "0"]]
   # killed midway: keep two records and a torn third; the rerun completes each key exactly once
   lines = out.read_bytes().split(b"\n")
   out.write_bytes(b"\n".join(lines[:2]) + b"\n" + lines[2][:10])
@@ -97,11 +104,7 @@ def test_accuracy_counts_correct_answers(tmp_path, ckpt, data, monkeypatch):
   """With an engine that always answers 5, exactly the question whose answer is 5 is right."""
   tok = load_tokenizer(ckpt)
 
-  def fake_generate(params, config, prompts, **kw):
-    del params, config, kw
-    return [decoding.Generation(tok.encode("so the answer is\n#### 5"), 4, 1, None) for _ in prompts]
-
-  monkeypatch.setattr(decoding, "generate", fake_generate)
+  _fake_engine(monkeypatch, tok)
   out = tmp_path / "rec.jsonl"
   argv = ["--checkpoint", ckpt, "--data", data, "--output", str(out), "--strategies", "spd",
           "--thresholds", "0.5,0.9", "--limit", "2", *GEN]
@@ -118,9 +121,84 @@ def test_accuracy_counts_correct_answers(tmp_path, ckpt, data, monkeypatch):
     (["--thresholds", "0.5,x"], "--thresholds must be comma-separated numbers"),
     (["--limit", "0"], "--limit must be positive"),
     (["--gen-length", "-1"], "--gen-length must be positive"),
+    (["--output", "/tmp"], "/tmp: is a directory, not a file"),
 ])
 def test_usage_errors(tmp_path, ckpt, data, capsys, extra, message):
   argv = ["--checkpoint", ckpt, "--data", data, "--output", str(tmp_path / "r.jsonl"), "--no-progress", *extra]
   assert evaluate.main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def _fake_engine(monkeypatch, tok, answer="so the answer is\n#### 5", compile_seconds=0.0):
+  """generate always answers ``answer``; prepare stands in for compilation (``compile_seconds`` long)."""
+  import time  # pylint: disable=import-outside-toplevel
+
+  calls = []
+
+  def fake_prepare(params, config, prompts, **kw):
+    del params, config, kw
+    calls.append(("prepare", [list(p) for p in prompts]))
+    time.sleep(compile_seconds)
+
+  def fake_generate(params, config, prompts, **kw):
+    del params, config, kw
+    calls.append(("generate", [list(p) for p in prompts]))
+    return [decoding.Generation(tok.encode(answer), 4, 1, None) for _ in prompts]
+
+  monkeypatch.setattr(decoding, "prepare", fake_prepare)
+  monkeypatch.setattr(decoding, "generate", fake_generate)
+  return calls
+
+
+def test_rejected_questions_count_as_wrong_and_compile_time_is_not_timed(tmp_path, ckpt, monkeypatch, capsys):
+  tok = load_tokenizer(ckpt)
+  calls = _fake_engine(monkeypatch, tok, compile_seconds=0.3)
+  data = tmp_path / "gsm.jsonl"
+  lines = [DATA[0], DATA[1], {"question": "apples " * 300 + "?", "answer": "#### 5"}]  # the last is too long
+  data.write_text("".join(json.dumps(d) + "\n" for d in lines))
+  out = tmp_path / "rec.jsonl"
+  argv = ["--checkpoint", ckpt, "--data", str(data), "--output", str(out), "--strategies", "spd", "--thresholds",
+          "0.5", *GEN]
+  assert evaluate.main(argv) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 2 and err[0].startswith(f"error: {data}:3: prompt of ") and err[1].startswith("report: ")
+  (row,) = json.loads((tmp_path / "rec.json").read_text())["results"]
+  assert (row["n"], row["of"], row["rejected"], row["accuracy"]) == (2, 3, 1, 1 / 3)  # only question 1's answer is 5
+  md = (tmp_path / "rec.md").read_text()
+  assert "1 of 3 questions rejected as too long, counted as wrong" in md and "| spd | 0.5 | 2/3 | 1 | 33.3% |" in md
+  # each batch is compiled (prepared) before its timer starts: the 0.3 s never reach the figures
+  assert [c[0] for c in calls] == ["prepare", "generate"] and calls[0][1] == calls[1][1]
+  assert all(r["batch_seconds"] < 0.3 for r in read_records(str(out)))
+  assert row["tokens_per_second"] > 2 * len(tok.encode("so the answer is\n#### 5")) / 0.3
+
+
+def test_all_rejected_writes_no_report(tmp_path, ckpt, monkeypatch, capsys):
+  _fake_engine(monkeypatch, load_tokenizer(ckpt))
+  data = tmp_path / "gsm.jsonl"
+  data.write_text("".join(json.dumps(d) + "\n" for d in (DATA[0], DATA[1])))
+  out = tmp_path / "rec.jsonl"
+  argv = ["--checkpoint", ckpt, "--data", str(data), "--output", str(out), "--strategies", "spd",
+          "--no-progress", "--gen-length", "250", "--block-length", "8"]
+  assert evaluate.main(argv) == 1
+  (line,) = capsys.readouterr().err.strip().splitlines()
+  assert line.startswith(f"error: {data}: all 2 questions rejected, so no report was written; the first: "
+                         f"{data}:1: prompt of ") and "max_position_embeddings 256" in line
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["gsm.jsonl"]
+
+
+def test_rerun_with_other_lengths_does_not_reuse_records(tmp_path, ckpt, monkeypatch):
+  tok = load_tokenizer(ckpt)
+  _fake_engine(monkeypatch, tok)
+  data = tmp_path / "gsm.jsonl"
+  data.write_text("".join(json.dumps(d) + "\n" for d in (DATA[0], DATA[1])))
+  out = tmp_path / "rec.jsonl"
+  argv = ["--checkpoint", ckpt, "--data", str(data), "--output", str(out), "--strategies", "spd", "--thresholds",
+          "0.5", *GEN]
+  assert evaluate.main(argv) == 0
+  assert evaluate.main([*argv, "--gen-length", "24"]) == 0
+  report = json.loads((tmp_path / "rec.json").read_text())
+  assert report["gen_length"] == 24 and report["results"][0]["n"] == 2
+  assert sorted(r["gen_length"] for r in read_records(str(out))) == [16, 16, 24, 24]
+  assert evaluate.main(argv) == 0  # the first settings again: all reused
+  assert len(read_records(str(out))) == 4

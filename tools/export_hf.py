@@ -29,6 +29,9 @@ def main(argv=None) -> int:
   parser.add_argument("--shard-size", type=parse_size, default="5GB", help="bytes per safetensors shard")
   parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: the stored dtype")
   args = parser.parse_args(argv)
+  if args.shard_size <= 0:
+    print(f"error: --shard-size must be positive, got {args.shard_size} bytes", file=sys.stderr)
+    return 2
   return run_cli(lambda: export_hf(args.checkpoint, args.out, shard_bytes=args.shard_size, dtype=args.dtype), args.out)
 
 
