@@ -45,3 +45,21 @@ def tiny(tiny_dir):
 
 def with_numerics(cfg, **kw):
   return dataclasses.replace(cfg, **kw)
+
+
+def generate_as_cli_batches(params, cfg, prompts, *, batch_size=8, **kw):
+  """``decoding.generate`` on the batches decode.py / evaluate.py form (shortest prompts first, stable,
+  ``batch_size`` at a time), returned in the input order.
+
+  Comparing a CLI's records with these is exact on any CPU: the same compiled program on the same inputs.
+  (A prompt decoded alone runs another program, whose float32 rounding can differ by CPU and shape.)
+  """
+  from dmax_jax import decoding  # pylint: disable=import-outside-toplevel
+
+  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+  out = [None] * len(prompts)
+  for start in range(0, len(order), batch_size):
+    chunk = order[start:start + batch_size]
+    for i, g in zip(chunk, decoding.generate(params, cfg, [prompts[i] for i in chunk], **kw)):
+      out[i] = g
+  return out

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, generate_as_cli_batches
 from dmax_jax import decoding
 from dmax_jax.cli import decode_main
 from dmax_jax.hf import load_hf_checkpoint
@@ -68,10 +68,13 @@ def test_decode_end_to_end_matches_generate(tmp_path, ckpt, model):
   assert rc == 0
   records = read_records(str(out))
   assert sorted(map(str, (r["id"] for r in records))) == ["1", "chat", "fox"]
+  ids = expected_ids(tok)
+  names = [1, "fox", "chat"]  # GOOD's order
+  gens = dict(zip(names, generate_as_cli_batches(params, cfg, [ids[n] for n in names], batch_size=2,
+                                                 strategy=decoding.Threshold(threshold=0.3), gen_length=16,
+                                                 block_length=8)))
   for rec in records:
-    ids = expected_ids(tok)[rec["id"]]
-    (gen,) = decoding.generate(params, cfg, [ids], strategy=decoding.Threshold(threshold=0.3), gen_length=16,
-                               block_length=8)
+    gen = gens[rec["id"]]
     assert rec["tokens"] == gen.tokens and rec["nfe"] == gen.nfe and rec["prefill_calls"] == gen.prefill_calls
     assert rec["output"] == tok.decode(gen.tokens)
     assert rec["num_tokens"] == len(gen.tokens) and rec["tpf"] == pytest.approx(len(gen.tokens) / gen.nfe)
@@ -203,8 +206,8 @@ def test_trace_html_shows_every_step(tmp_path, ckpt, model, capsys):
   assert rc == 0
   page = html_path.read_text()
   ids = expected_ids(tok)
-  gens = decoding.generate(params, cfg, [ids[1], ids["fox"]], strategy=decoding.SPD(), gen_length=16,
-                           block_length=8, trace=True)
+  gens = generate_as_cli_batches(params, cfg, [ids[1], ids["fox"]], strategy=decoding.SPD(), gen_length=16,
+                                 block_length=8, trace=True)
   steps = [s for g in gens for s in g.trace]
   assert page.count('<tr class="step') == len(steps) == sum(g.nfe for g in gens)
   assert page.count('<span class="t ') == 8 * len(steps) + 5  # 8 tokens a step, plus the 5-entry legend

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import generate_as_cli_batches
 from dmax_jax import decoding, evaluate
 from dmax_jax.hf import load_hf_checkpoint
 from dmax_jax.records import read_records
@@ -83,9 +84,12 @@ def test_evaluate_end_to_end_and_resume(tmp_path, ckpt, data, capsys):
   # the math prompt: chat template around question + MATH_SUFFIX
   cfg, params = load_hf_checkpoint(ckpt)
   tok = load_tokenizer(ckpt)
-  ids = tok.encode(f"<role>HUMAN</role>What is 3 + 4?{MATH_SUFFIX}<|role_end|><role>ASSISTANT</role>")
-  (gen,) = decoding.generate(params, cfg, [ids], strategy=decoding.SPD(threshold=0.5), gen_length=16, block_length=8)
-  assert [r["tokens"] for r in records if r["id"] == 2 and r["strategy"] == "spd"] == [gen.tokens]
+  questions = [d["question"] for d in DATA if isinstance(d, dict) and "####" in d["answer"]]  # ids 1, 2, "k"
+  ids = [tok.encode(f"<role>HUMAN</role>{q}{MATH_SUFFIX}<|role_end|><role>ASSISTANT</role>") for q in questions]
+  gens = generate_as_cli_batches(params, cfg, ids, strategy=decoding.SPD(threshold=0.5), gen_length=16,
+                                 block_length=8)
+  spd = {r["id"]: r["tokens"] for r in records if r["strategy"] == "spd"}
+  assert [spd[1], spd[2], spd["k"]] == [g.tokens for g in gens]
   report = json.loads((tmp_path / "eval" / "rec.json").read_text())
   assert [(r["strategy"], r["threshold"], r["n"]) for r in report["results"]] == [("spd", 0.5, 3), ("threshold", 0.5, 3)]
   md_rows = [l for l in (tmp_path / "eval" / "rec.md").read_text().splitlines() if l.startswith("| ")]
