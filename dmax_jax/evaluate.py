@@ -6,7 +6,8 @@ decoded with the math prompt (question + ``MATH_SUFFIX`` in the chat
 template) under each (strategy, threshold), through ``runner.run``. Records go
 to one JSONL file keyed by (strategy, threshold, id), so a killed evaluation
 resumes where it stopped. Each record also holds ``reference``,
-``prediction`` and ``correct``. The report (JSON + Markdown) gives, per
+``prediction``, ``correct`` and ``strict`` (right answer and every
+``<<expr=value>>`` step right: ``gsm8k.strictly_correct``). The report (JSON + Markdown) gives, per
 (strategy, threshold): accuracy, mean TPF (tokens / decoding forwards, and
 with the prefill forward counted as DMax's evaluation does), tokens/s.
 """
@@ -47,7 +48,8 @@ def read_gsm8k(path: str, tokenizer, limit: Optional[int] = None) -> tuple[list[
 def score(record: dict) -> dict:
   """The record with the extracted ``prediction`` and ``correct`` added."""
   prediction = gsm8k.extract_prediction(record["output"])
-  return dict(record, prediction=prediction, correct=prediction == record["reference"])
+  return dict(record, prediction=prediction, correct=prediction == record["reference"],
+              strict=gsm8k.strictly_correct(record["output"], record["reference"]))
 
 
 def summarize(records: Sequence[dict], strategy: str, threshold: float, ids: Sequence) -> dict:
@@ -61,6 +63,7 @@ def summarize(records: Sequence[dict], strategy: str, threshold: float, ids: Seq
   return {
       "strategy": strategy, "threshold": threshold, "n": len(rows), "of": len(ids),
       "accuracy": float(np.mean([r["correct"] for r in rows])) if rows else 0.0,
+      "strict_accuracy": float(np.mean([r.get("strict", False) for r in rows])) if rows else 0.0,
       "mean_tpf": float(np.mean([r["tpf"] for r in rows])) if rows else 0.0,
       "tpf": tokens / nfe if nfe else 0.0,
       "tpf_with_prefill": tokens / (nfe + prefill) if nfe + prefill else 0.0,
@@ -70,11 +73,11 @@ def summarize(records: Sequence[dict], strategy: str, threshold: float, ids: Seq
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-  lines = ["| strategy | threshold | n | accuracy | mean TPF | TPF (+prefill) | tokens/s | mean tokens |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+  lines = ["| strategy | threshold | n | accuracy | strict | mean TPF | TPF (+prefill) | tokens/s | mean tokens |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
     lines.append(f"| {r['strategy']} | {r['threshold']} | {r['n']}/{r['of']} | {100 * r['accuracy']:.1f}% | "
-                 f"{r['mean_tpf']:.2f} | {r['tpf_with_prefill']:.2f} | {r['tokens_per_second']:.1f} | "
+                 f"{100 * r['strict_accuracy']:.1f}% | {r['mean_tpf']:.2f} | {r['tpf_with_prefill']:.2f} | {r['tokens_per_second']:.1f} | "
                  f"{r['mean_tokens']:.1f} |")
   return "\n".join(lines) + "\n"
 
