@@ -36,30 +36,22 @@ NAMES = (("Mia", "she"), ("Tom", "he"), ("Ava", "she"), ("Sam", "he"), ("Lily", 
          ("Emma", "she"), ("Leo", "he"), ("Zoe", "she"), ("Max", "he"), ("Ella", "she"), ("Jack", "he"))
 ITEMS = ("apple", "pen", "book", "card", "egg", "toy", "cookie", "marble", "sticker", "shell", "coin", "flower")
 GAIN = ("buys", "finds", "gets", "wins")
-LOSS = ("eats", "sells", "loses", "gives away")
-LOW, HIGH = 1, 99  # every running total stays in [LOW, HIGH]
 
 
 def problem(r: random.Random, min_steps: int = 4, max_steps: int = 8) -> dict:
-  """One random problem: {"question", "answer"} (one step per event, then ``#### n``)."""
+  """One random problem: {"question", "answer"} (one step per day, then ``#### n``)."""
   name, pron = r.choice(NAMES)
   item = r.choice(ITEMS)
-  total = start = r.randint(10, 60)
-  events, steps = [], []
-  for _ in range(r.randint(min_steps, max_steps)):
-    d = r.randint(2, 9)
-    gain = r.random() < 0.5
-    gain = (gain or total - d < LOW) and total + d <= HIGH
-    new = total + d if gain else total - d
-    events.append(f"{r.choice(GAIN if gain else LOSS)} {d}")
-    if gain:
-      expr = f"{total}+{d}" if r.random() < 0.5 else f"{d}+{total}"  # either order: both are right
-    else:
-      expr = f"{total}-{d}"
-    steps.append(f"<<{expr}={new}>>{new}")
-    total = new
-  story = ", ".join(events[:-1]) + f" and {events[-1]}"
-  question = f"{name} has {start} {item}s. {pron.capitalize()} {story}. How many {item}s does {name} have now?"
+  days = r.randint(min_steps, max_steps)
+  d = r.randint(2, 9)
+  total = start = r.randint(10, 99 - d * days)
+  steps = []
+  for day in range(1, days + 1):
+    x, y = (total, d) if r.random() < 0.5 else (d, total)  # either order: both are right
+    steps.append(f"Day {day}: <<{x}+{y}={total + d}>>{total + d}")
+    total += d
+  question = (f"{name} has {start} {item}s. Each day {pron} {r.choice(GAIN)} {d} more. "
+              f"How many {item}s does {name} have after {days} days?")
   return {"question": question, "answer": "\n".join(steps) + f"\n#### {total}"}
 
 
