@@ -10,7 +10,7 @@ def get_config():
   c = demo_cpu.get_config()
   c.data.n_train = 30000  # generated training problems
   c.data.n_test = 512  # held-out problems
-  c.data.max_steps = 8  # chains of 4-8 steps: answers of 48-100 tokens, two to four blocks of 32
+  c.data.max_steps = 8  # chains of 4-8 steps: answers of 68-132 tokens, three to five blocks of 32
   c.tokenizer_vocab = 1024  # BPE vocabulary, digits split
   m = c.model
   m.hidden_size = 384  # D
@@ -24,10 +24,10 @@ def get_config():
   m.num_experts_per_tok = 4  # top-k
   m.n_group = 4  # expert groups
   m.topk_group = 2  # groups kept per token
-  m.max_position_embeddings = 256  # prompt (<= 72 tokens) + gen_length 112, rounded up to blocks of 32
+  m.max_position_embeddings = 256  # prompt (41 tokens) + gen_length 136, rounded up to blocks of 32
   c.compute_dtype = "bfloat16"  # bf16 matmuls, fp32 master weights / norms / router / loss
   c.moe_backend = "grouped"  # sorted tokens + ragged_dot: only the routed experts compute
-  c.max_seq_len = 176  # prompt <= 72 + answer <= 100 tokens + eos labels
+  c.max_seq_len = 176  # prompt 41 + answer <= 132 tokens + eos labels
   c.block_length = 32  # as the paper
   c.sft.steps = 2000  # optimizer steps
   c.sft.batch_size = 64  # sequences per step
@@ -38,7 +38,7 @@ def get_config():
   c.oput.batch_size = 64  # sequences per step
   c.oput.lr = 2e-4  # peak learning rate
   c.eval.runs = ("base:threshold", "base:spd", "oput:threshold", "oput:spd", "ablation:spd")  # every curve
-  c.eval.gen_length = 112  # tokens generated per problem (answers take 48-100)
+  c.eval.gen_length = 136  # tokens generated per problem (answers take 68-132)
   c.eval.batch_size = 512  # the whole test set in one batch
   c.eval.dtype = "float32"  # decode with fp32 params (the model is small; keeps the sweep exact)
   return c

@@ -1,29 +1,30 @@
 """Generated arithmetic word problems in GSM8K's format (the demo's task): chains of running totals.
 
-Each problem is a short story: someone starts with a two-digit number of
-things, then gains and loses a few of them, 4 to 8 times; the question asks
-how many are left. Its answer works the chain step by step in GSM8K's
+Each problem is a short story: someone starts with a number of things and
+gains the same amount every day, for 4 to 8 days; the question asks how many
+there are at the end. Its answer works the chain day by day in GSM8K's
 format, each step carrying the previous result, with ``<<expr=value>>``
 annotations and a final ``#### n`` line::
 
-  {"question": "Mia has 26 pens. She eats 9, finds 5, gets 7 and sells 6. How many pens does Mia have now?",
-   "answer": "<<26-9=17>>17\\n<<5+17=22>>22\\n<<22+7=29>>29\\n<<29-6=23>>23\\n#### 23"}
+  {"question": "Mia has 75 pens. Each day she gets 6 more. How many pens does Mia have after 4 days?",
+   "answer": "Day 1: <<75+6=81>>81\\nDay 2: <<6+81=87>>87\\nDay 3: <<6+87=93>>93\\nDay 4: <<93+6=99>>99\\n#### 99"}
 
-Two properties make decoding many tokens at once hard, as on natural GSM8K
-(and each step stays easy enough for a small model to learn in minutes: a
-two-digit number plus or minus one digit):
+Two properties make decoding many tokens at once hard, as on natural GSM8K,
+while each step stays one skill a small model learns in minutes (a two-digit
+number plus one digit, with digits as separate tokens):
 
 - positions depend on each other: every step starts from the previous
   step's result, and the digits of a result depend on each other (the
   carry), so a later number is only easy once the earlier ones are written;
-- an answer has several right spellings: an addition names its operands in
-  either order (``17+5`` or ``5+17``), as people write them, so the
+  the k-th result is start + k * amount, which nothing but the chain gives;
+- an answer has several right spellings: every sum names its operands in
+  either order (``75+6`` or ``6+75``), as people write them, so the
   per-position distributions are mixtures of the spellings.
 
 Generation is deterministic: ``problems(n, seed)`` always returns the same
 list. ``splits`` draws a train and a test set from different seeds and drops
 every test problem whose question also occurs in the train set, so the test
-set is held out. Every intermediate and final value is in [1, 99].
+set is held out. Every value is a two-digit number (10 to 99).
 """
 
 from __future__ import annotations

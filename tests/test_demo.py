@@ -21,35 +21,28 @@ def test_problems_are_deterministic_and_differ_by_seed():
   assert arith.problems(20, 3) != arith.problems(20, 4)
 
 
-def _calc(a, op, b):
-  return {"+": a + b, "-": a - b}[op]
-
-
 def test_every_step_carries_the_previous_result_and_is_right():
-  seen_orders = set()
+  orders = set()
   for p in arith.problems(400, 0, 4, 8):
-    # The question, read independently: start, then signed amounts in story order.
-    start = int(re.search(r"has (\d+) ", p["question"]).group(1))
-    events = re.findall(r"(buys|finds|gets|wins|eats|sells|loses|gives away) (\d+)", p["question"])
-    assert 4 <= len(events) <= 8, p["question"]
+    # The question, read independently: start, daily amount, days.
+    start, amount, days = map(int, re.fullmatch(
+        r"\w+ has (\d+) \w+s\. Each day (?:he|she) \w+ (\d+) more\. How many \w+s does \w+ have after (\d+) days\?",
+        p["question"]).groups())
+    assert 4 <= days <= 8
     lines = p["answer"].split("\n")
-    assert len(lines) == len(events) + 1 and lines[-1] == f"#### {lines[-2].split('>>')[1]}"
+    assert len(lines) == days + 1
     total = start
-    for (verb, amount), line in zip(events, lines):
-      m = re.fullmatch(r"<<(\d+)([+\-])(\d+)=(\d+)>>(\d+)", line)
-      assert m, line
-      a, op, b, c, shown = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4)), int(m.group(5))
-      gain = verb in ("buys", "finds", "gets", "wins")
-      assert op == ("+" if gain else "-"), (verb, line)
-      # The step uses the running total and the story's amount (an addition in either order).
-      assert (a, b) == (total, int(amount)) or (gain and (a, b) == (int(amount), total)), (total, line)
-      seen_orders.add(gain and a == int(amount) and a != b)
-      assert _calc(a, op, b) == c == shown
-      assert 1 <= c <= 99
+    for day, line in enumerate(lines[:-1], 1):
+      m = re.fullmatch(r"Day (\d+): <<(\d+)\+(\d+)=(\d+)>>(\d+)", line)
+      assert m and int(m.group(1)) == day, line
+      a, b, c, shown = (int(g) for g in m.groups()[1:])
+      assert (a, b) in ((total, amount), (amount, total)), (total, line)  # the running total, in either order
+      orders.add(a == total)
+      assert a + b == c == shown and 10 <= c <= 99
       total = c
-    assert gsm8k.reference_answer(p["answer"]) == str(total)
-    assert gsm8k.strictly_correct(p["answer"], str(total))
-  assert seen_orders == {True, False}  # both spellings of an addition occur
+    assert total == start + days * amount and lines[-1] == f"#### {total}"
+    assert gsm8k.reference_answer(p["answer"]) == str(total) and gsm8k.strictly_correct(p["answer"], str(total))
+  assert orders == {True, False}  # both spellings occur
 
 
 def test_step_count_range_is_respected():
