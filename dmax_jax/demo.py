@@ -123,7 +123,7 @@ def train_config(config, *, data_path: str, tokenizer_dir: str, init_from: str, 
   c.train.micro_batch_size = batch_size
   c.train.max_steps = steps
   c.train.seed = config.seed
-  c.train.save_every = max(steps // 4, 1)
+  c.train.save_every = max(steps // 4, 25)  # a few checkpoints to resume from; toy runs save the last only
   c.train.keep_checkpoints = 1
   c.train.async_save = False
   c.mesh.data = 1  # one device: the demo's model is far too small to split

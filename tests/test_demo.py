@@ -4,14 +4,12 @@ import json
 import os
 import re
 import shlex
-import subprocess
-import sys
 
 import pytest
 
 from conftest import REPO
 from configs import demo_cpu
-from dmax_jax import arith, demo, gsm8k
+from dmax_jax import arith, cli, demo, evaluate, gsm8k
 
 STEP = re.compile(r"<<([0-9+\-*/]+)=(\d+)>>(\d+)")
 
@@ -171,20 +169,26 @@ def _readme_commands(prefix: str) -> list[str]:
   return [" ".join(line.split()) for line in lines if line.startswith(prefix)]
 
 
-def test_readme_decode_and_evaluate_commands_work_on_the_demo_output(toy_run, tmp_path):
+def test_readme_decode_and_evaluate_commands_work_on_the_demo_output(toy_run, capsys):
+  """The README's commands for the quick start's checkpoints, run as written on a toy demo's workdir.
+
+  They run through the scripts' entry points in this process (decode.py and
+  tools/evaluate.py only call these), which saves two JAX start-ups.
+  """
   workdir = toy_run[0]
+  entry = {"decode.py": cli.decode_main, "tools/evaluate.py": evaluate.main}
   commands = (_readme_commands("python decode.py --checkpoint runs/demo/")
               + _readme_commands("python tools/evaluate.py --checkpoint runs/demo/"))
   assert len(commands) == 2, commands
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   for command in commands:
     argv = [a.replace("runs/demo", workdir) for a in shlex.split(command)]
-    assert argv[0] == "python"
-    done = subprocess.run([sys.executable] + argv[1:] + ["--no-progress"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, (command, done.stderr[-2000:])
-    if "decode.py" in command:
-      record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert argv[0] == "python" and argv[1] in entry
+    capsys.readouterr()
+    code = entry[argv[1]](argv[2:] + ["--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0, (command, err[-2000:])
+    if argv[1] == "decode.py":
+      record = json.loads(out.strip().splitlines()[-1])
       assert record["num_tokens"] > 0 and record["nfe"] > 0
     else:
-      assert "| spd | 0.5 | 8/8 |" in done.stdout and "| threshold | 0.9 | 8/8 |" in done.stdout
+      assert "| spd | 0.5 | 8/8 |" in out and "| threshold | 0.9 | 8/8 |" in out
