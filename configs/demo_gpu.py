@@ -29,12 +29,12 @@ def get_config():
   c.moe_backend = "grouped"  # sorted tokens + ragged_dot: only the routed experts compute
   c.max_seq_len = 176  # prompt 41 + answer <= 132 tokens + eos labels
   c.block_length = 32  # as the paper
-  c.sft.steps = 2000  # optimizer steps
+  c.sft.steps = 1500  # optimizer steps
   c.sft.batch_size = 64  # sequences per step
   c.sft.lr = 1e-3  # peak learning rate
   c.distill.n_prompts = 4096  # training prompts answered by the base model
   c.distill.batch_size = 512  # prompts per decoding batch
-  c.oput.steps = 500  # optimizer steps (the ablation trains as many)
+  c.oput.steps = 400  # optimizer steps (the ablation trains as many)
   c.oput.batch_size = 64  # sequences per step
   c.oput.lr = 2e-4  # peak learning rate
   c.eval.runs = ("base:threshold", "base:spd", "oput:threshold", "oput:spd", "ablation:spd")  # every curve
