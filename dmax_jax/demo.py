@@ -457,7 +457,7 @@ def plot(rows: list[dict], fig_data: dict, path: str) -> Optional[str]:
   ax.set_ylabel("accuracy on held-out problems (%)")
   ax.set_title("Accuracy vs parallelism (point labels: threshold)")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8, loc="lower left")
+  ax.legend(fontsize=8, loc="best")
   ax.margins(x=0.08, y=0.08)
   fig.tight_layout()
   fig.canvas.draw()
