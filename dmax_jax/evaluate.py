@@ -8,10 +8,11 @@ to one JSONL file keyed like ``decode.py``'s (``runner.KEY_FIELDS``: the id,
 the prompt's token ids and every decoding setting, the checkpoint included),
 so a killed evaluation resumes where it stopped and a rerun with other
 settings never reuses a record made with different ones. Each record also
-holds ``reference``, ``prediction`` and ``correct``. The report (JSON +
+holds ``reference``, ``prediction``, ``correct`` and ``strict`` (right answer and
+every ``<<expr=value>>`` step right: ``gsm8k.strictly_correct``). The report (JSON +
 Markdown) gives, per (strategy, threshold): accuracy over every question
 (those rejected as too long, or failed, count as wrong, and their number is
-given), mean TPF (tokens / decoding forwards, and with the prefill forward
+given), strict accuracy, mean TPF (tokens / decoding forwards, and with the prefill forward
 counted as DMax's evaluation does), tokens/s of decoding (compilation
 excluded).
 """
@@ -53,7 +54,8 @@ def read_gsm8k(path: str, tokenizer, limit: Optional[int] = None,
 def score(record: dict) -> dict:
   """The record with the extracted ``prediction`` and ``correct`` added."""
   prediction = gsm8k.extract_prediction(record["output"])
-  return dict(record, prediction=prediction, correct=prediction == record["reference"])
+  return dict(record, prediction=prediction, correct=prediction == record["reference"],
+              strict=gsm8k.strictly_correct(record["output"], record["reference"]))
 
 
 def select(records: Sequence[dict], requests: Sequence[runner.Request], settings: dict) -> list[dict]:
@@ -76,6 +78,7 @@ def summarize(rows: Sequence[dict], strategy: str, threshold: float, of: int, re
   return {
       "strategy": strategy, "threshold": threshold, "n": len(rows), "of": of, "rejected": rejected,
       "accuracy": sum(bool(r["correct"]) for r in rows) / of if of else 0.0,
+      "strict_accuracy": sum(bool(r.get("strict", False)) for r in rows) / of if of else 0.0,
       "mean_tpf": float(np.mean([r["tpf"] for r in rows])) if rows else 0.0,
       "tpf": tokens / nfe if nfe else 0.0,
       "tpf_with_prefill": tokens / (nfe + prefill) if nfe + prefill else 0.0,
@@ -85,12 +88,13 @@ def summarize(rows: Sequence[dict], strategy: str, threshold: float, of: int, re
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-  lines = ["| strategy | threshold | decoded | rejected | accuracy | mean TPF | TPF (+prefill) | tokens/s | mean tokens |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  lines = ["| strategy | threshold | decoded | rejected | accuracy | strict | mean TPF | TPF (+prefill) | tokens/s "
+           "| mean tokens |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
     lines.append(f"| {r['strategy']} | {r['threshold']} | {r['n']}/{r['of']} | {r['rejected']} | "
-                 f"{100 * r['accuracy']:.1f}% | {r['mean_tpf']:.2f} | {r['tpf_with_prefill']:.2f} | "
-                 f"{r['tokens_per_second']:.1f} | {r['mean_tokens']:.1f} |")
+                 f"{100 * r['accuracy']:.1f}% | {100 * r['strict_accuracy']:.1f}% | {r['mean_tpf']:.2f} | "
+                 f"{r['tpf_with_prefill']:.2f} | {r['tokens_per_second']:.1f} | {r['mean_tokens']:.1f} |")
   return "\n".join(lines) + "\n"
 
 

@@ -153,8 +153,13 @@ def load_tokenizer(path: str) -> ChatTokenizer:
   return ChatTokenizer(path)
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str, chat_template: str = LLADA2_CHAT_TEMPLATE) -> dict:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str, chat_template: str = LLADA2_CHAT_TEMPLATE,
+                    split_digits: bool = False) -> dict:
   """Trains a byte-level BPE tokenizer in LLaDA2's format and saves it to ``out_dir``.
+
+  ``split_digits`` makes every digit its own token (numbers are never merged),
+  as many LLM tokenizers do: a multi-digit result then takes several positions
+  that depend on each other (the carry), instead of one memorised token.
 
   The eos/pad token takes id ``vocab_size - 2`` and the mask token
   ``vocab_size - 1`` (like LLaDA-2.0, whose mask and eos sit at the end of
@@ -165,6 +170,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str, chat_te
 
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  if split_digits:
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), tok.pre_tokenizer])
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
       vocab_size=vocab_size - 2, special_tokens=list(ROLE_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),

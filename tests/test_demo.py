@@ -3,11 +3,13 @@
 import json
 import os
 import re
+import shlex
 
 import pytest
 
+from conftest import REPO
 from configs import demo_cpu
-from dmax_jax import arith, demo, gsm8k
+from dmax_jax import arith, cli, demo, evaluate, gsm8k
 
 STEP = re.compile(r"<<([0-9+\-*/]+)=(\d+)>>(\d+)")
 
@@ -17,21 +19,33 @@ def test_problems_are_deterministic_and_differ_by_seed():
   assert arith.problems(20, 3) != arith.problems(20, 4)
 
 
-def test_every_annotation_and_final_answer_is_right():
-  for p in arith.problems(400, 0):
+def test_every_step_carries_the_previous_result_and_is_right():
+  orders = set()
+  for p in arith.problems(400, 0, 4, 8):
+    # The question, read independently: start, daily amount, days.
+    start, amount, days = map(int, re.fullmatch(
+        r"\w+ has (\d+) \w+s\. Each day (?:he|she) \w+ (\d+) more\. How many \w+s does \w+ have after (\d+) days\?",
+        p["question"]).groups())
+    assert 4 <= days <= 8
     lines = p["answer"].split("\n")
-    assert lines[-1].startswith("#### ")
-    steps = [STEP.search(line) for line in lines[:-1]]
-    assert steps and all(steps), p["answer"]
-    for m in steps:
-      a, op, b = re.fullmatch(r"(\d+)([+\-*/])(\d+)", m.group(1)).groups()
-      value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b), "/": int(a) / int(b)}[op]
-      assert value == int(m.group(2)) == int(m.group(3)), p["answer"]
-      assert value >= 0
-    final = gsm8k.reference_answer(p["answer"])
-    assert final == steps[-1].group(2) and 0 <= int(final) < 1000
-    # Every number the question gives is a plain integer the answer can use.
-    assert all(n.isdigit() for n in re.findall(r"\d+", p["question"]))
+    assert len(lines) == days + 1
+    total = start
+    for day, line in enumerate(lines[:-1], 1):
+      m = re.fullmatch(r"Day (\d+): <<(\d+)\+(\d+)=(\d+)>>(\d+)", line)
+      assert m and int(m.group(1)) == day, line
+      a, b, c, shown = (int(g) for g in m.groups()[1:])
+      assert (a, b) in ((total, amount), (amount, total)), (total, line)  # the running total, in either order
+      orders.add(a == total)
+      assert a + b == c == shown and 10 <= c <= 99
+      total = c
+    assert total == start + days * amount and lines[-1] == f"#### {total}"
+    assert gsm8k.reference_answer(p["answer"]) == str(total) and gsm8k.strictly_correct(p["answer"], str(total))
+  assert orders == {True, False}  # both spellings occur
+
+
+def test_step_count_range_is_respected():
+  counts = {p["answer"].count("<<") for p in arith.problems(200, 1, 3, 5)}
+  assert counts == {3, 4, 5}
 
 
 def test_test_split_is_held_out():
@@ -39,6 +53,7 @@ def test_test_split_is_held_out():
   assert len(train) == 300 and len(test) == 50
   assert not {p["question"] for p in train} & {p["question"] for p in test}
   assert [p["id"] for p in test] == list(range(50))
+  assert arith.splits(300, 50, 0) == (train, test)
 
 
 def test_keep_generation():
@@ -49,21 +64,56 @@ def test_keep_generation():
     demo.keep_generation("x", "some")
 
 
-def test_headline_compares_oput_spd_with_base_threshold():
-  def row(model, strategy, threshold, acc, tpf):
-    return {"model": model, "strategy": strategy, "threshold": threshold, "accuracy": acc, "tpf": tpf}
+def _row(model, strategy, threshold, acc, tpf):
+  return {"model": model, "strategy": strategy, "threshold": threshold, "accuracy": acc, "tpf": tpf,
+          "strict_accuracy": acc, "tpf_with_prefill": tpf, "tokens_per_second": 1.0}
 
-  rows = [row("base", "threshold", 0.9, 0.80, 1.5), row("base", "threshold", 0.5, 0.60, 3.0),
-          row("base", "spd", 0.5, 0.81, 1.2), row("oput", "spd", 0.5, 0.70, 6.0), row("oput", "spd", 0.8, 0.795, 4.5)]
-  text = demo.headline(rows)
-  assert "base best accuracy 81.0%" in text and "(0.9): accuracy 80.0%, TPF 1.50" in text
-  assert "threshold 0.8, accuracy 79.5%, TPF 4.50 (3.00x)" in text
+
+def test_figures_a_b_c_and_ablation_by_hand():
+  rows = [_row("base", "threshold", 0.95, 0.80, 2.0), _row("base", "threshold", 0.9, 0.81, 2.5),
+          _row("base", "threshold", 0.5, 0.79, 3.5), _row("base", "threshold", 0.1, 0.40, 6.0),
+          _row("oput", "spd", 0.9, 0.82, 3.0), _row("oput", "spd", 0.5, 0.80, 5.0), _row("oput", "spd", 0.0, 0.70, 7.0),
+          _row("ablation", "spd", 0.9, 0.50, 1.0), _row("ablation", "spd", 0.5, 0.30, 1.2),
+          _row("base", "spd", 0.5, 0.99, 9.0)]  # other curves never enter (a), (b), (c)
+  fig = demo.figures(rows)
+  # (a): best 0.9 (81%), most aggressive 0.1 (40%): 41 points.
+  assert fig["a"]["best"]["threshold"] == 0.9 and fig["a"]["most_aggressive"]["threshold"] == 0.1
+  assert fig["a"]["points_lost"] == pytest.approx(41.0)
+  # (b): bar 80%; OPUT+SPD 0.5 (TPF 5) over base 0.9 (TPF 2.5; 0.95 also passes but is slower, 0.5 is at 79%).
+  assert fig["b"]["oput_spd"]["threshold"] == 0.5 and fig["b"]["base_threshold"]["threshold"] == 0.9
+  assert fig["b"]["ratio"] == pytest.approx(2.0)
+  # (c): base 0.95 at 80% TPF 2 -> bar 79%: OPUT+SPD 0.5 at TPF 5.
+  assert fig["c"]["ratio"] == pytest.approx(2.5)
+  assert [(r["threshold"], r["oput_accuracy"], r["ablation_accuracy"]) for r in fig["ablation"]] == [
+      (0.9, 0.82, 0.50), (0.5, 0.80, 0.30)]
+  text = demo.summary(fig)
+  assert "(b) TPF at matched accuracy (accuracy >= 80.0%): 2.00x" in text and "(c)" in text and "2.50x" in text
+  assert "41.0 points lost" in text
+
+
+def test_figures_without_a_passing_point_or_a_095_setting():
+  rows = [_row("base", "threshold", 0.9, 0.80, 2.0), _row("oput", "spd", 0.5, 0.50, 5.0)]
+  fig = demo.figures(rows)
+  assert fig["b"]["ratio"] is None and fig["b"]["oput_spd"] is None and fig["c"] is None
+  assert "n/a" in demo.summary(fig) and "(c) OPUT + SPD over base + threshold 0.95: not measured" in demo.summary(fig)
+
+
+def test_bad_eval_runs_and_changed_settings_are_refused(tmp_path):
+  config = toy_config()
+  config.eval.runs = ("base:threshold", "oput:greedy")
+  with pytest.raises(demo.DemoError, match="config.eval.runs: 'oput:greedy'"):
+    demo.run(config, str(tmp_path), progress=False)
+  config = toy_config()
+  demo.check_workdir(config, str(tmp_path))
+  demo.check_workdir(config, str(tmp_path))  # same settings: fine
+  config.oput.steps += 1
+  with pytest.raises(demo.DemoError, match=r"other settings \(oput.steps differ\)"):
+    demo.check_workdir(config, str(tmp_path))
 
 
 def toy_config():
   c = demo_cpu.get_config()
   c.data.n_train, c.data.n_test = 64, 8
-  c.tokenizer_vocab = 512
   c.model.update(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                  intermediate_size=64, moe_intermediate_size=16, num_experts=4, n_group=2, topk_group=1)
   c.max_seq_len = 64
@@ -76,29 +126,69 @@ def toy_config():
   return c
 
 
-def test_pipeline_end_to_end_and_resume(tmp_path):
-  workdir = str(tmp_path / "demo")
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+  """The toy pipeline run once: (workdir, config, printed text)."""
+  workdir = str(tmp_path_factory.mktemp("demo") / "demo")
   config = toy_config()
-  text = demo.run(config, workdir, progress=False)
-  for path in ("data/train.jsonl", "data/test.jsonl", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
-               "base/config.json", "base/tokenizer.json", "distill/oput.jsonl", "oput_model/config.json",
-               "report.json", "report.md", "tradeoff.png"):
+  return workdir, config, demo.run(config, workdir, progress=False)
+
+
+def test_pipeline_end_to_end_and_resume(toy_run):
+  workdir, config, text = toy_run
+  for path in ("config.json", "data/train.jsonl", "data/test.jsonl", "tokenizer/tokenizer.json",
+               "tokenizer/tokenizer_config.json", "base/config.json", "base/tokenizer.json", "distill/oput.jsonl",
+               "oput_model/config.json", "ablation_model/config.json", "report.json", "report.md", "tradeoff.png"):
     assert os.path.exists(os.path.join(workdir, path)), path
   assert len(open(os.path.join(workdir, "distill", "oput.jsonl")).readlines()) == 8  # keep="all"
   report = json.load(open(os.path.join(workdir, "report.json")))
-  combos = {(r["model"], r["strategy"]) for r in report["results"]}
-  assert combos == {("base", "threshold"), ("base", "spd"), ("oput", "threshold"), ("oput", "spd")}
   got = sorted((r["model"], r["strategy"], r["threshold"]) for r in report["results"])
-  want = sorted([(m, "threshold", t) for m in ("base", "oput") for t in (0.5, 0.9)] +
-                [(m, "spd", 0.5) for m in ("base", "oput")])
+  want = sorted([("base", "threshold", t) for t in (0.5, 0.9)] + [(m, "spd", 0.5) for m in ("oput", "ablation")])
   assert got == want
   assert all(r["n"] == r["of"] == 8 and r["tpf"] > 0 for r in report["results"])
-  assert text.count("\n| base |") == 3 and text.count("\n| oput |") == 3
-  # The OPUT stage started from the base model and trained its own steps.
-  oput_metrics = [json.loads(line) for line in open(os.path.join(workdir, "oput", "metrics.jsonl"))]
-  assert [m["step"] for m in oput_metrics] == [1, 2]
+  assert set(report["figures"]) == {"a", "b", "c", "ablation"} and report["figures"]["a"] is not None
+  # One table, then the figures; the same in report.md.
+  assert text.count("| model | strategy |") == 1 and text.count("\n| ") == 1 + 4
+  assert "(a) base + threshold" in text and "(b)" in text and "(c)" in text
+  assert open(os.path.join(workdir, "report.md")).read().endswith(text)
+  # OPUT and the ablation both started from the base model and trained the same steps.
+  for stage in ("oput", "ablation"):
+    metrics = [json.loads(line) for line in open(os.path.join(workdir, stage, "metrics.jsonl"))]
+    assert [m["step"] for m in metrics] == [1, 2]
   # A second run finds every stage done and rebuilds the same table without training or decoding.
   mtime = os.path.getmtime(os.path.join(workdir, "base", "config.json"))
   assert demo.run(config, workdir, progress=False) == text
   assert os.path.getmtime(os.path.join(workdir, "base", "config.json")) == mtime
   assert len(open(os.path.join(workdir, "oput", "metrics.jsonl")).readlines()) == 2
+
+
+def _readme_commands(prefix: str) -> list[str]:
+  """README command lines starting with ``prefix`` (backslash continuations joined)."""
+  text = (REPO / "README.md").read_text()
+  lines = text.replace("\\\n", " ").split("\n")
+  return [" ".join(line.split()) for line in lines if line.startswith(prefix)]
+
+
+def test_readme_decode_and_evaluate_commands_work_on_the_demo_output(toy_run, capsys):
+  """The README's commands for the quick start's checkpoints, run as written on a toy demo's workdir.
+
+  They run through the scripts' entry points in this process (decode.py and
+  tools/evaluate.py only call these), which saves two JAX start-ups.
+  """
+  workdir = toy_run[0]
+  entry = {"decode.py": cli.decode_main, "tools/evaluate.py": evaluate.main}
+  commands = (_readme_commands("python decode.py --checkpoint runs/demo/")
+              + _readme_commands("python tools/evaluate.py --checkpoint runs/demo/"))
+  assert len(commands) == 2, commands
+  for command in commands:
+    argv = [a.replace("runs/demo", workdir) for a in shlex.split(command)]
+    assert argv[0] == "python" and argv[1] in entry
+    capsys.readouterr()
+    code = entry[argv[1]](argv[2:] + ["--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0, (command, err[-2000:])
+    if argv[1] == "decode.py":
+      record = json.loads(out.strip().splitlines()[-1])
+      assert record["num_tokens"] > 0 and record["nfe"] > 0
+    else:
+      assert "| spd | 0.5 | 8/8 |" in out and "| threshold | 0.9 | 8/8 |" in out

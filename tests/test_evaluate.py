@@ -36,15 +36,15 @@ def data(tmp_path):
 
 def test_summarize_by_hand():
   rows = [
-      {"correct": True, "num_tokens": 10, "nfe": 5, "prefill_calls": 1, "tpf": 2.0, "seconds": 1.0},
+      {"correct": True, "strict": True, "num_tokens": 10, "nfe": 5, "prefill_calls": 1, "tpf": 2.0, "seconds": 1.0},
       {"correct": False, "num_tokens": 6, "nfe": 1, "prefill_calls": 1, "tpf": 6.0, "seconds": 3.0},
   ]
   s = evaluate.summarize(rows, "spd", 0.5, of=4, rejected=1)  # one rejected, one failed: both count as wrong
   assert (s["n"], s["of"], s["rejected"]) == (2, 4, 1)
-  assert s["accuracy"] == 1 / 4 and s["mean_tpf"] == 4.0
+  assert s["accuracy"] == 1 / 4 and s["strict_accuracy"] == 1 / 4 and s["mean_tpf"] == 4.0
   assert s["tpf"] == 16 / 6 and s["tpf_with_prefill"] == 16 / 8 and s["tokens_per_second"] == 16 / 4
   table = evaluate.markdown_table([s])
-  assert "| spd | 0.5 | 2/4 | 1 | 25.0% | 4.00 | 2.00 | 4.0 | 8.0 |" in table
+  assert "| spd | 0.5 | 2/4 | 1 | 25.0% | 25.0% | 4.00 | 2.00 | 4.0 | 8.0 |" in table
 
 
 def test_select_keys_on_prompt_and_every_setting():
@@ -62,7 +62,9 @@ def test_select_keys_on_prompt_and_every_setting():
 
 def test_score_adds_prediction_and_correctness():
   rec = evaluate.score({"output": "so 2 + 3 = 5.\n#### 5", "reference": "5"})
-  assert rec["prediction"] == "5" and rec["correct"] is True
+  assert rec["prediction"] == "5" and rec["correct"] is True and rec["strict"] is False  # no <<..>> step
+  rec = evaluate.score({"output": "<<2+3=5>>5\n#### 5", "reference": "5"})
+  assert rec["correct"] is True and rec["strict"] is True
   rec = evaluate.score({"output": "I think it is 1,000", "reference": "100"})
   assert rec["prediction"] == "1000" and rec["correct"] is False
 

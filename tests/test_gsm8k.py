@@ -67,3 +67,32 @@ def test_reference_without_marker_is_an_error():
     gsm8k.reference_answer("the answer is 5")
   with pytest.raises(ValueError, match="not a number"):
     gsm8k.reference_answer("#### five")
+
+
+@pytest.mark.parametrize("text, reference, expected", [
+    ("<<26-9=17>>17\n<<5+17=22>>22\n#### 22", "22", True),
+    ("<<26-9=17>>17\n<<5+17=23>>23\n#### 23", "23", False),  # a wrong step, even with the "right" answer
+    ("<<26-9=17>>17\n<<5+17=22>>22\n#### 21", "22", False),  # right steps, wrong answer
+    ("She has 22.\n#### 22", "22", False),  # no worked step at all
+    ("<<48/2=24>>24 and <<1.5*4=6>>6 then <<(3+2)*4=20>>20\n#### 20", "20", True),
+    ("<<10/4=2.5>>2.5, <<$3*2=6>>6\n#### 6", "6", False),  # "$3" is no arithmetic
+    ("<<2+2=4>>4 <<3+3=6\n#### 6", "6", False),  # an unclosed annotation counts as wrong
+    ("<<1,000+1=1,001>>1001\n#### 1001", "1001", True),
+])
+def test_strictly_correct(text, reference, expected):
+  assert gsm8k.strictly_correct(text, reference) is expected
+
+
+def test_every_gsm8k_test_annotation_is_right_or_not_plain_arithmetic():
+  """Independent check of annotation_is_right on the reference answers: most annotations hold exactly."""
+  path = GSM8K / "test.jsonl"
+  if not path.exists():
+    pytest.fail(f"GSM8K data missing: {path}")
+  right = total = 0
+  for line in open(path):
+    for expr, value in re.findall(r"<<([^<>=]*)=([^<>=]*)>>", json.loads(line)["answer"]):
+      total += 1
+      if re.fullmatch(r"\d+[+\-*]\d+", expr) and re.fullmatch(r"\d+", value):  # restated with Python ints
+        assert gsm8k.annotation_is_right(expr, value) == (eval(expr) == int(value)), (expr, value)  # pylint: disable=eval-used
+      right += gsm8k.annotation_is_right(expr, value)
+  assert total > 3000 and right / total > 0.95
