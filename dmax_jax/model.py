@@ -70,8 +70,16 @@ def rope(x_BLHR, positions_BL, cfg: ModelConfig):
   return jnp.concatenate([rot, passthrough], axis=-1).astype(dtype)
 
 
-def attend(q_BLHR, k_BSGR, v_BSGR, mask_BLS):
-  """Grouped-query softmax attention; scores and softmax in float32."""
+def attend(q_BLHR, k_BSGR, v_BSGR, mask_BLS, implementation: str = "xla"):
+  """Grouped-query softmax attention; scores and softmax in float32.
+
+  ``implementation="cudnn"``: cuDNN's fused flash attention with the boolean
+  mask, which never writes the [L, S] scores to memory, where it runs (an
+  NVIDIA GPU, bf16/fp16 inputs); elsewhere, and for ``"xla"``, the plain
+  einsum / softmax / einsum below.
+  """
+  if implementation == "cudnn" and jax.default_backend() == "gpu" and q_BLHR.dtype in (jnp.bfloat16, jnp.float16):
+    return jax.nn.dot_product_attention(q_BLHR, k_BSGR, v_BSGR, mask=mask_BLS[:, None], implementation="cudnn")
   B, L, H, R = q_BLHR.shape
   G = k_BSGR.shape[2]
   q = q_BLHR.reshape(B, L, G, H // G, R)
@@ -109,7 +117,7 @@ def _attention(p, x_BLD, positions_BL, cfg: ModelConfig, mask, kv):
     k, v = k_cache[layer], v_cache[layer]
     new_kv = (k_cache, v_cache)
     k, v = k.astype(dtype), v.astype(dtype)
-  out = attend(q, k, v, mask)
+  out = attend(q, k, v, mask, cfg.attention)
   out = out.reshape(B, L, H * R) @ p["o"].astype(dtype)
   return out, new_kv
 

@@ -93,7 +93,7 @@ def make_step_fn(cfg: ModelConfig, obj: losses.Objective, tx: optax.GradientTran
 
 def _numerics(config) -> dict:
   return dict(compute_dtype=config.compute_dtype, remat=config.remat, moe_backend=config.moe_backend,
-              scan_layers=config.scan_layers)
+              scan_layers=config.scan_layers, attention=config.get("attention", "xla"))
 
 
 def model_config(config) -> ModelConfig:

@@ -55,6 +55,7 @@ def test_oput_mini_is_the_dmax_recipe():
   assert (c.data.max_seq_len, c.objective.block_size, c.objective.noise_low, c.objective.noise_high) == (2048, 32, 0.75, 0.75)
   assert c.compute_dtype == "bfloat16" and c.remat and c.objective.oput and not c.objective.only_masked
   assert c.moe_backend == "grouped"  # only the routed experts' work (BENCHMARKS.md)
+  assert c.attention == "cudnn"
   assert not sft_mini.get_config().objective.oput
 
 

@@ -46,20 +46,24 @@ TINY = dict(vocab_size=4096, hidden_size=128, num_attention_heads=4, num_key_val
             topk_group=2, mask_token_id=4095, eos_token_id=4094, pad_token_id=4094)
 
 
-def model_cfg(args, backend):
+def model_cfg(args, run):
+  """The model of one run, ``BACKEND`` or ``BACKEND:ATTENTION`` (e.g. ``grouped:cudnn``)."""
+  backend, _, attention = run.partition(":")
   arch = TINY if args.tiny else {}
-  return dataclasses.replace(config_lib.llada2_mini(compute_dtype="bfloat16", remat=True, moe_backend=backend),
-                             num_hidden_layers=args.layers, **arch)
+  return dataclasses.replace(config_lib.llada2_mini(compute_dtype="bfloat16", remat=True, moe_backend=backend,
+                                                    attention=attention or "xla"), num_hidden_layers=args.layers, **arch)
 
 
-def make_batch(cfg, rows, length, seed=0):
-  """One global batch (``trainer.shape_batch`` layout, one micro-step): random answers after a quarter-length prompt."""
+def make_batch(cfg, rows, accum, length, seed=0):
+  """One global batch of ``accum`` micro-steps of ``rows`` (``trainer.shape_batch`` layout): random answers after a
+  quarter-length prompt, every row on-policy."""
   rng = np.random.default_rng(seed)
-  ids = rng.integers(0, cfg.vocab_size - 16, (rows, length)).astype(np.int32)
-  plen = np.full((rows,), length // 4, np.int32)
+  G = rows * accum
+  ids = rng.integers(0, cfg.vocab_size - 16, (G, length)).astype(np.int32)
+  plen = np.full((G,), length // 4, np.int32)
   batch = dict(ids=ids, prompt_len=plen, labels=diffusion.make_labels(ids, plen, cfg.eos_token_id),
-               on_policy=np.ones((rows,), bool))
-  return trainer.shape_batch(batch, trainer.Plan(rows, rows, 1, 1))
+               on_policy=np.ones((G,), bool))
+  return trainer.shape_batch(batch, trainer.Plan(G, rows, accum, 1))
 
 
 def bench_backend(args, backend, config, mesh):
@@ -68,7 +72,7 @@ def bench_backend(args, backend, config, mesh):
   tx, sched = make_optimizer(config.optim, 1000)
   state = trainer.fresh_state(config, cfg, tx, mesh)
   step = trainer.jit_step(cfg, trainer.objective_from(config), tx, sched, mesh, state)
-  batch = trainer.put_batch(make_batch(cfg, args.rows, args.length), mesh)
+  batch = trainer.put_batch(make_batch(cfg, args.rows, args.accum, args.length), mesh)
   holder = [state]
 
   def one_step(batch):
@@ -125,11 +129,13 @@ def bench_attention(args, cfg, block):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--tiny", action="store_true", help="tiny widths (smoke test on any device)")
-  ap.add_argument("--backends", default="grouped,dense", help="MoE backends, comma separated (the first is compared "
-                  "with the last)")
+  ap.add_argument("--backends", default="grouped:cudnn,grouped,dense",
+                  help="runs, comma separated: MoE backend or BACKEND:ATTENTION (the first is compared with the last)")
   ap.add_argument("--layers", type=int, default=4, help="decoder layers (the first is dense)")
   ap.add_argument("--length", type=int, default=None, help="sequence tokens per row (default 2048; tiny: 64)")
-  ap.add_argument("--rows", type=int, default=1, help="sequences per step")
+  ap.add_argument("--rows", type=int, default=1, help="sequences per micro-step")
+  ap.add_argument("--accum", type=int, default=8, help="micro-steps per optimizer step (oput_mini: global batch 8 of "
+                  "micro-batch 1)")
   ap.add_argument("--iters", type=int, default=3, help="steps per timed round")
   ap.add_argument("--rounds", type=int, default=5)
   ap.add_argument("--peak-tflops", type=float, default=989.0, help="datasheet dense bf16 rate (H100/H200 SXM: 989)")
@@ -148,12 +154,12 @@ def main(argv=None):
   print(f"bf16 matmul rate (8192^3, random inputs): {rate / 1e12:.1f} TFLOP/s", flush=True)
   cfg = model_cfg(args, "grouped")
   pairs = int(np.sum(np.asarray(diffusion.bd_attention_mask(args.length, block))))
-  flops = oput_step_flops(cfg, args.rows, args.length, pairs)
+  flops = oput_step_flops(cfg, args.rows * args.accum, args.length, pairs)
   print(f"model: {args.layers} layers ({cfg.num_dense_layers} dense), {params_lib.count_params(cfg) / 1e9:.2f} B "
-        f"params; {args.rows} x {args.length} tokens per step, [x_t ; x_0] attention {pairs / (2 * args.length) ** 2:.1%}"
+        f"params; {args.accum} micro-steps of {args.rows} x {args.length} tokens per step, [x_t ; x_0] attention {pairs / (2 * args.length) ** 2:.1%}"
         f" allowed; useful work {flops / 1e12:.2f} TFLOP per step", flush=True)
   results = dict(device=dev.device_kind, jax=jax.__version__, matmul_tflops=rate / 1e12, layers=args.layers,
-                 rows=args.rows, length=args.length, useful_tflop_per_step=flops / 1e12, backends={})
+                 rows=args.rows, accum=args.accum, length=args.length, useful_tflop_per_step=flops / 1e12, backends={})
   for backend in args.backends.split(","):
     try:
       sec, rounds, loss, profile = bench_backend(args, backend, config, mesh)
@@ -161,7 +167,7 @@ def main(argv=None):
       print(f"  {backend}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
       continue
     r = dict(step_ms=1e3 * sec, min_ms=1e3 * min(rounds), max_ms=1e3 * max(rounds), loss=loss,
-             tokens_per_s=args.rows * args.length / sec, useful_tflops=flops / sec / 1e12)
+             tokens_per_s=args.rows * args.accum * args.length / sec, useful_tflops=flops / sec / 1e12)
     r.update(mfu_measured=r["useful_tflops"] * 1e12 / rate, mfu_peak=r["useful_tflops"] / args.peak_tflops)
     results["backends"][backend] = r
     if profile:
