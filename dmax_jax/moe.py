@@ -25,11 +25,13 @@ which prepares its own weight layout (``prepare_experts``):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from dmax_jax.config import ModelConfig
@@ -106,6 +108,48 @@ def _tokamax():
   return tokamax
 
 
+_MEMORY_STAND_IN = [False]
+
+
+@contextlib.contextmanager
+def kernel_memory_stand_in():
+  """Within this context ``ragged_dot`` compiles to a stand-in with a fused kernel's memory footprint.
+
+  For planning memory only (``tools/plan_train_memory.py``), never for
+  running: its outputs are zeros. XLA's own ``ragged_dot`` (the CPU's, and
+  tokamax's XLA fallback) expands the product densely over all E groups,
+  tens of GiB per call at LLaDA-2.0-mini training sizes, while tokamax's GPU
+  kernels read their operands and write their output and nothing else; the
+  stand-in (host callbacks, forward and backward) asks XLA for exactly those
+  buffers.
+  """
+  _MEMORY_STAND_IN[0] = True
+  try:
+    yield
+  finally:
+    _MEMORY_STAND_IN[0] = False
+
+
+@jax.custom_vjp
+def _stand_in_ragged_dot(x_RK, w_EKN, group_sizes_E):
+  out = jax.ShapeDtypeStruct((x_RK.shape[0], w_EKN.shape[2]), x_RK.dtype)
+  return jax.pure_callback(lambda *_: np.zeros(out.shape, out.dtype), out, x_RK, w_EKN, group_sizes_E)
+
+
+def _stand_in_fwd(x_RK, w_EKN, group_sizes_E):
+  return _stand_in_ragged_dot(x_RK, w_EKN, group_sizes_E), (x_RK, w_EKN, group_sizes_E)
+
+
+def _stand_in_bwd(res, ct_RN):
+  x, w, g = res
+  shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, w.dtype))
+  dx, dw = jax.pure_callback(lambda *_: tuple(np.zeros(s.shape, s.dtype) for s in shapes), shapes, x, w, g, ct_RN)
+  return dx, dw, None
+
+
+_stand_in_ragged_dot.defvjp(_stand_in_fwd, _stand_in_bwd)
+
+
 def ragged_dot(x_RK, w_EKN, group_sizes_E):
   """``[R, N]``: rows ``x`` in consecutive groups, group e multiplied by ``w[e]``; rows past the groups are 0.
 
@@ -114,6 +158,8 @@ def ragged_dot(x_RK, w_EKN, group_sizes_E):
   ``jax.lax.ragged_dot``, which XLA lowers densely over all E groups on NVIDIA
   GPUs (BENCHMARKS.md).
   """
+  if _MEMORY_STAND_IN[0]:
+    return _stand_in_ragged_dot(x_RK, w_EKN, group_sizes_E)
   tokamax = _tokamax()
   if tokamax is not None:
     return tokamax.ragged_dot(x_RK, w_EKN, group_sizes_E)
@@ -196,8 +242,9 @@ def experts_grouped(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD):
 
   e, t = experts or None, width or None
   rows = P(tokens)
+  weights = (w.astype(dtype) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))  # cast first: gathered over fsdp in dtype
   out = jax.shard_map(body, in_specs=(rows, rows, rows, P(e, None, t), P(e, None, t), P(e, t, None)),
-                      out_specs=rows)(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD)
+                      out_specs=rows)(x_TD, idx_TX, w_TX, *weights)
   return out.astype(dtype)
 
 

@@ -112,3 +112,21 @@ def test_grouped_bf16_gradients_close_to_dense_gpu():
     a, b = np.float32(a), np.float32(b)
     assert np.isfinite(a).all(), name
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2, name
+
+
+def test_memory_stand_in_plans_only_operands_and_output():
+  """Under moe.kernel_memory_stand_in the grouped matmul's gradient needs no dense [E, R, ...] buffer."""
+  R, D, E, F = 4096, 512, 64, 128
+  args = (jax.ShapeDtypeStruct((R, D), jnp.bfloat16), jax.ShapeDtypeStruct((E, D, F), jnp.bfloat16),
+          jax.ShapeDtypeStruct((E,), jnp.int32))
+  def temp_bytes():  # a fresh function each time: traces are cached per function, not per context
+    step = jax.jit(lambda x, w, g: jax.grad(lambda x, w: moe.ragged_dot(x, w, g).astype(jnp.float32).sum(),
+                                            argnums=(0, 1))(x, w))
+    return step.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+  with moe.kernel_memory_stand_in():
+    planned = temp_bytes()
+    assert jax.eval_shape(lambda *a: moe.ragged_dot(*a), *args).shape == (R, F)
+  expanded = temp_bytes()
+  operands_and_output = 2 * (R * D + E * D * F + R * F)
+  assert planned <= 2 * operands_and_output < expanded, (planned, expanded)
