@@ -28,6 +28,15 @@ class ConfigError(ValueError):
   """A config.json that is not a usable LLaDA2-MoE config."""
 
 
+def accum_dtype(dtype):
+  """The dtype of the numerically sensitive parts (norms, RoPE, router, softmax, logits) for a
+  compute dtype: float32 for bf16 / fp32 compute, float64 for float64 compute (exact-equality tests
+  run the whole model in float64 under ``jax.enable_x64``)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """LLaDA2-MoE hyper-parameters plus how to run the forward."""
@@ -56,7 +65,7 @@ class ModelConfig:
   pad_token_id: int
   use_qk_norm: bool = True
   # ---- numerics (not part of the checkpoint) ----
-  compute_dtype: str = "float32"  # matmul inputs; norms, router, softmax, logits stay fp32
+  compute_dtype: str = "float32"  # matmul inputs; norms, router, softmax, logits stay fp32 (fp64 with fp64)
   moe_backend: str = "grouped"  # "grouped" (sorted tokens, grouped matmul), "dense" (reference), "pallas"
   scan_layers: bool = True  # lax.scan over stacked layers; False = Python loop (tests only)
   remat: bool = False  # rematerialise each layer in the backward pass

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmax_jax import model as model_lib
-from dmax_jax.config import ModelConfig
+from dmax_jax.config import ModelConfig, accum_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,21 +132,26 @@ def plan_batch(prompts: Sequence[Sequence[int]], gen_length: int, block_length: 
                       prompt_len=P.astype(np.int32), canvas_len=T.astype(np.int32), first=first.astype(np.int32))
 
 
+def _emb_dtype(params):
+  """Decoding's input embeddings: float32 (float64 for float64 parameters)."""
+  return accum_dtype(params["embed"].dtype)
+
+
 def _hard_embed(params, cfg, tokens):
-  return model_lib.embed(params, cfg, tokens).astype(jnp.float32)
+  return model_lib.embed(params, cfg, tokens).astype(_emb_dtype(params))
 
 
 def _soft_embed(params, cfg, probs_BKV, x0_BK, p_BK, top_k: int):
   """Confidence-weighted mix of token and mask embeddings, rescaled to the mixed norm."""
   table = params["embed"]
-  e_mask = table[cfg.mask_token_id].astype(jnp.float32)
+  e_mask = table[cfg.mask_token_id].astype(_emb_dtype(params))
   n_mask = jnp.linalg.norm(e_mask)
   if top_k == 1:
     ids = x0_BK[..., None]
     w = p_BK[..., None]
   else:
     w, ids = jax.lax.top_k(probs_BKV, top_k)
-  e_tok = jnp.take(table, ids, axis=0).astype(jnp.float32)  # [B, K, k, D]
+  e_tok = jnp.take(table, ids, axis=0).astype(e_mask.dtype)  # [B, K, k, D]
   rest = 1.0 - jnp.sum(w, axis=-1)
   mix = jnp.einsum("bkj,bkjd->bkd", w, e_tok) + rest[..., None] * e_mask
   target = jnp.einsum("bkj,bkj->bk", w, jnp.linalg.norm(e_tok, axis=-1)) + rest * n_mask
@@ -156,7 +161,7 @@ def _soft_embed(params, cfg, probs_BKV, x0_BK, p_BK, top_k: int):
 class BlockState(NamedTuple):
   x: jax.Array  # [B, K] block tokens
   active: jax.Array  # [B, K] positions that were masks when the block began
-  emb: jax.Array  # [B, K, D] next input embeddings (float32)
+  emb: jax.Array  # [B, K, D] next input embeddings (float32, or float64 for float64 parameters)
   finished: jax.Array  # [B] this sequence is done with the block (or with everything)
   steps: jax.Array  # [B] steps taken in this block
   nfe: jax.Array  # [B]
@@ -188,8 +193,9 @@ def _split_strategy(strategy):
   """-> (static Rule, traced hyper-parameters), so a threshold sweep reuses one compiled program."""
   spd = isinstance(strategy, SPD)
   rule = Rule(spd=spd, top_k=strategy.top_k if spd else 1, sample=strategy.temperature > 0)
-  hp = dict(threshold=jnp.float32(strategy.threshold), temperature=jnp.float32(strategy.temperature),
-            confidence_stop=jnp.float32(strategy.confidence_stop if spd else 0.0))
+  real = jnp.result_type(float)  # float32, or float64 under jax.enable_x64
+  hp = dict(threshold=jnp.asarray(strategy.threshold, real), temperature=jnp.asarray(strategy.temperature, real),
+            confidence_stop=jnp.asarray(strategy.confidence_stop if spd else 0.0, real))
   return rule, hp
 
 
@@ -272,7 +278,7 @@ def _generate_jit(params, cfg: ModelConfig, rule: Rule, hp, layout: Layout, canv
   # Per-step trace buffers of one block (steps x batch x positions), only when asked for.
   empty_trace = dict(
       tokens=jnp.zeros((K, B, K), jnp.int32), status=jnp.zeros((K, B, K), jnp.int8),
-      conf=jnp.zeros((K, B, K), jnp.float32), valid=jnp.zeros((K, B), bool)) if trace else None
+      conf=jnp.zeros((K, B, K), _emb_dtype(params)), valid=jnp.zeros((K, B), bool)) if trace else None
 
   def block_body(d, carry):
     canvas, cache, seq_done, nfe, rng, traces = carry

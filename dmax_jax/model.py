@@ -6,7 +6,8 @@ model width, H attention heads, G key/value heads, R head_dim, V vocab.
 Attention masks are boolean, True = the query (row) may attend to the key
 (column), so full, block-causal and the training ``[x_t ; x_0]`` attention are
 all just masks. Dtypes: matmul inputs are in ``cfg.compute_dtype``; RMSNorm,
-RoPE, the router, the attention softmax and the logits are float32.
+RoPE, the router, the attention softmax and the logits are float32 (float64
+when the compute dtype is float64: ``config.accum_dtype``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmax_jax import moe
-from dmax_jax.config import ModelConfig
+from dmax_jax.config import ModelConfig, accum_dtype
 
 _NEG = jnp.finfo(jnp.float32).min
 
@@ -45,11 +46,12 @@ DECODE_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
 def rms_norm(x, weight, eps):
-  """RMSNorm in float32, multiplied by its weight afterwards, cast back."""
+  """RMSNorm in float32 (or wider), multiplied by its weight afterwards, cast back."""
   dtype = x.dtype
-  x32 = x.astype(jnp.float32)
+  wide = accum_dtype(dtype)
+  x32 = x.astype(wide)
   x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (weight.astype(jnp.float32) * x32).astype(dtype)
+  return (weight.astype(wide) * x32).astype(dtype)
 
 
 def rope(x_BLHR, positions_BL, cfg: ModelConfig):
@@ -58,11 +60,12 @@ def rope(x_BLHR, positions_BL, cfg: ModelConfig):
   if rd == 0:
     return x_BLHR
   dtype = x_BLHR.dtype
-  inv_freq = cfg.rope_theta ** (-jnp.arange(0, rd, 2, dtype=jnp.float32) / rd)
-  freqs = positions_BL.astype(jnp.float32)[..., None] * inv_freq  # [B, L, rd/2]
+  wide = accum_dtype(dtype)
+  inv_freq = cfg.rope_theta ** (-jnp.arange(0, rd, 2, dtype=wide) / rd)
+  freqs = positions_BL.astype(wide)[..., None] * inv_freq  # [B, L, rd/2]
   angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, L, 1, rd]
   cos, sin = jnp.cos(angles), jnp.sin(angles)
-  x32 = x_BLHR.astype(jnp.float32)
+  x32 = x_BLHR.astype(wide)
   rot, passthrough = x32[..., :rd], x32[..., rd:]
   half = rd // 2
   rotated_half = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
@@ -71,7 +74,7 @@ def rope(x_BLHR, positions_BL, cfg: ModelConfig):
 
 
 def attend(q_BLHR, k_BSGR, v_BSGR, mask_BLS, implementation: str = "xla"):
-  """Grouped-query softmax attention; scores and softmax in float32.
+  """Grouped-query softmax attention; scores and softmax in float32 (or wider).
 
   ``implementation="cudnn"``: cuDNN's fused flash attention with the boolean
   mask, which never writes the [L, S] scores to memory, where it runs (an
@@ -83,12 +86,17 @@ def attend(q_BLHR, k_BSGR, v_BSGR, mask_BLS, implementation: str = "xla"):
   B, L, H, R = q_BLHR.shape
   G = k_BSGR.shape[2]
   q = q_BLHR.reshape(B, L, G, H // G, R)
-  scores = jnp.einsum("blgqr,bsgr->bgqls", q, k_BSGR, preferred_element_type=jnp.float32)
+  scores = jnp.einsum("blgqr,bsgr->bgqls", q, k_BSGR, preferred_element_type=accum_dtype(q.dtype))
   scores = scores * (R**-0.5)
   scores = jnp.where(mask_BLS[:, None, None, :, :], scores, _NEG)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BSGR.dtype)
   out = jnp.einsum("bgqls,bsgr->blgqr", probs, v_BSGR)
   return out.reshape(B, L, H, R)
+
+
+def _index(*idx):
+  """Slice indices as one integer type (Python ints become int64 under ``jax.enable_x64``)."""
+  return tuple(jnp.asarray(i, jnp.int32) for i in idx)
 
 
 def _attention(p, x_BLD, positions_BL, cfg: ModelConfig, mask, kv):
@@ -112,8 +120,9 @@ def _attention(p, x_BLD, positions_BL, cfg: ModelConfig, mask, kv):
   new_kv = None
   if kv is not None:
     k_cache, v_cache, start, layer = kv  # the whole stack's [layers, B, S, G, R] cache: new rows written in place
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], (layer, 0, start, 0, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], (layer, 0, start, 0, 0))
+    at = _index(layer, 0, start, 0, 0)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], at)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], at)
     k, v = k_cache[layer], v_cache[layer]
     new_kv = (k_cache, v_cache)
     k, v = k.astype(dtype), v.astype(dtype)
@@ -227,9 +236,9 @@ def _body(params, cfg: ModelConfig, x, positions, mask, cache: Optional[KVCache]
 
 
 def logits_from_hidden(params, cfg: ModelConfig, hidden_BLD):
-  """The untied lm_head, accumulated and returned in float32."""
+  """The untied lm_head, accumulated and returned in float32 (or wider)."""
   dtype = hidden_BLD.dtype
-  return jnp.einsum("bld,dv->blv", hidden_BLD, params["lm_head"].astype(dtype), preferred_element_type=jnp.float32)
+  return jnp.einsum("bld,dv->blv", hidden_BLD, params["lm_head"].astype(dtype), preferred_element_type=accum_dtype(dtype))
 
 
 def _full_mask(mask, B, L):

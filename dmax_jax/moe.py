@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from dmax_jax.config import ModelConfig
+from dmax_jax.config import ModelConfig, accum_dtype
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
@@ -50,11 +50,12 @@ def route(router_w_DE, expert_bias_E, x_TD, cfg: ModelConfig):
     # same fp32 logits as upcasting first, without a (several times slower) fp32 GEMM.
     logits_TE = jnp.einsum("td,de->te", x_TD, router_w_DE, preferred_element_type=jnp.float32)
   else:
-    x32 = x_TD.astype(jnp.float32)
-    w32 = router_w_DE.astype(jnp.float32)
+    wide = accum_dtype(x_TD.dtype)
+    x32 = x_TD.astype(wide)
+    w32 = router_w_DE.astype(wide)
     logits_TE = jnp.einsum("td,de->te", x32, w32, precision=jax.lax.Precision.HIGHEST)
   scores_TE = jax.nn.sigmoid(logits_TE)
-  biased_TE = scores_TE + expert_bias_E.astype(jnp.float32)
+  biased_TE = scores_TE + expert_bias_E.astype(logits_TE.dtype)
 
   T, E = biased_TE.shape
   G = cfg.n_group
@@ -89,12 +90,12 @@ def experts_dense(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD):
   dtype = x_TD.dtype
   T = x_TD.shape[0]
   E = w_gate_EDF.shape[0]
-  combine_TE = jnp.zeros((T, E), jnp.float32).at[jnp.arange(T)[:, None], idx_TX].add(w_TX)
+  combine_TE = jnp.zeros((T, E), w_TX.dtype).at[jnp.arange(T)[:, None], idx_TX].add(w_TX)
   gate_TEF = jnp.einsum("td,edf->tef", x_TD, w_gate_EDF.astype(dtype))
   up_TEF = jnp.einsum("td,edf->tef", x_TD, w_up_EDF.astype(dtype))
   h_TEF = _swiglu(gate_TEF, up_TEF)
   y_TED = jnp.einsum("tef,efd->ted", h_TEF, w_down_EFD.astype(dtype))
-  y_TD = jnp.einsum("ted,te->td", y_TED.astype(jnp.float32), combine_TE)
+  y_TD = jnp.einsum("ted,te->td", y_TED.astype(combine_TE.dtype), combine_TE)
   return y_TD.astype(dtype)
 
 
@@ -202,10 +203,10 @@ def combine_sorted(ys_RD, order, w_TX, T, valid_TX=None):
   """
   X = w_TX.shape[1]
   unsorted = jnp.zeros_like(ys_RD).at[order].set(ys_RD)
-  y_TXD = unsorted.reshape(T, X, -1).astype(jnp.float32)
+  y_TXD = unsorted.reshape(T, X, -1).astype(w_TX.dtype)
   if valid_TX is not None:
     y_TXD = jnp.where(valid_TX[..., None], y_TXD, 0.0)
-  return jnp.einsum("txd,tx->td", y_TXD, w_TX.astype(jnp.float32))
+  return jnp.einsum("txd,tx->td", y_TXD, w_TX)
 
 
 def _mesh_axes(mesh, names, dim):

@@ -28,7 +28,8 @@ def _softmax(z):
 def reference_decode(params, cfg, prompt, *, strategy, gen_length, block_length):
   """Returns (generated tokens up to eos, nfe)."""
   K, mask_id, eos = block_length, cfg.mask_token_id, cfg.eos_token_id
-  table = np.asarray(params["embed"], np.float32)
+  table = np.asarray(params["embed"])
+  table = table.astype(np.promote_types(table.dtype, np.float32))  # float64 parameters stay float64
   P = len(prompt)
   T = -(-(P + gen_length) // K) * K
   x = np.array(list(prompt) + [mask_id] * (T - P))

@@ -23,7 +23,12 @@ def test_mesh_split_forward_agrees_and_reports_rows(tmp_path):
   res, stdout = _run(tmp_path, "--mesh", "expert=4,tensor=2", "--no-spd", "--routing", "raw", devices=8)
   assert res["mesh"]["expert"] == 4 and res["mesh"]["tensor"] == 2
   agree = res["split_vs_one_device"]
-  assert agree["rel_l2"] < 2e-2 and agree["argmax_agree"] > 0.99, agree  # bf16 compute, split sums
+  # bf16 compute: the split forward must be as close to the fp32 one-device reference as the one-device
+  # bf16 forward is (their errors are bf16 rounding of the same function; its size varies by CPU), and
+  # a wrong split (a missing reduction, a swapped shard) is off by O(1).
+  assert agree["split_vs_ref"] <= 1.5 * agree["one_device_vs_ref"] + 1e-3, agree
+  assert agree["one_device_vs_ref"] < 0.1 and agree["rel_l2"] < 0.1, agree
+  assert agree["split_argmax_vs_ref"] >= agree["one_device_argmax_vs_ref"] - 0.05, agree
   forward = [r for r in res["rows"] if r["what"] == "forward 32/512"]
   assert len(forward) == 1 and forward[0]["experts_per_layer"] > 0 and forward[0]["ratio"] > 0
   assert "forward 32/512" in stdout

@@ -14,22 +14,35 @@ from decoding_reference import reference_decode
 GEN = 16
 
 
+@pytest.fixture(scope="module", autouse=True)
+def x64():
+  """Every exact-equality test here runs in float64.
+
+  On a random model SPD keeps revising for many steps and amplifies rounding: in float32 a batch and
+  a prompt alone (or the engine and the oracle) round differently (XLA picks kernels by shape and by
+  CPU: AVX-512 and AVX2 machines differ) and, a few steps later, pick different tokens. In float64
+  the same rounding stays ~1e-16 and the decisions are the algorithm's. ``test_float32_*`` below
+  checks float32 against float64 within a stated tolerance.
+  """
+  with jax.enable_x64(True):
+    yield
+
+
+def _float64(cfg, params):
+  return dataclasses.replace(cfg, compute_dtype="float64"), jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+
+
 @pytest.fixture(scope="module")
 def sharp(tiny):
-  """The fixture model with sharper logits (so thresholds decode several tokens a step) and an eos
-  that takes over one frequent token (so eos early stop happens).
-
-  Exact token equality runs on the dense MoE backend: on a random model SPD keeps revising for many
-  steps and amplifies float rounding, and the grouped backend's matmuls round differently when other
-  sequences share the batch (XLA picks kernels by shape). ``test_grouped_backend_same_tokens``
-  covers the fast backend.
-  """
+  """The fixture model in float64 with sharper logits (so thresholds decode several tokens a step)
+  and an eos that takes over one frequent token (so eos early stop happens). Dense MoE backend;
+  ``test_grouped_backend_same_tokens`` covers the grouped one."""
   cfg, params = tiny
-  cfg = dataclasses.replace(cfg, moe_backend="dense")
+  cfg, params = _float64(dataclasses.replace(cfg, moe_backend="dense"), params)
   params = dict(params)
   W = np.array(params["lm_head"]) * 6.0
   # A pull towards each position's own input token, as a trained model has: a decoded token then
-  # tends to confirm itself, so SPD's revision loop settles instead of amplifying float rounding.
+  # tends to confirm itself, so SPD's revision loop settles.
   W += np.array(params["embed"]).T
   params["lm_head"] = jnp.asarray(W)
   # eos takes over the token the model most often predicts for masked positions.
@@ -154,3 +167,33 @@ def test_grouped_backend_same_tokens(sharp, prompts):
   got = generate(params, dataclasses.replace(cfg, moe_backend="grouped"), prompts, strategy=strategy, gen_length=GEN,
                  block_length=8)
   assert [(o.tokens, o.nfe) for o in got] == [(o.tokens, o.nfe) for o in want]
+
+
+def test_sharp_model_really_runs_in_float64(sharp, prompts):
+  cfg, params = sharp
+  assert params["lm_head"].dtype == jnp.float64
+  logits = dmax_jax.forward(params, cfg, tokens=jnp.asarray([prompts[0]]))
+  assert logits.dtype == jnp.float64
+
+
+def test_float32_agrees_with_float64_within_rounding(sharp, prompts):
+  """float32 decoding computes the same confidences as float64 up to float32 rounding.
+
+  Whole float32 decodes are not compared token for token: SPD's revision loop on a random model
+  amplifies rounding step after step (see ``x64``). The first step of every sequence's first block
+  sees the same canvas in both precisions, so its confidences must agree to ~1e-5: we allow 1e-4
+  (float32's epsilon is 1.2e-7; the forward has a few hundred accumulations per output).
+  """
+  cfg64, params64 = sharp
+  cfg32 = dataclasses.replace(cfg64, compute_dtype="float32")
+  params32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params64)
+  strategy = SPD(threshold=0.5)
+  kw = dict(strategy=strategy, gen_length=GEN, block_length=8, trace=True)
+  want = generate(params64, cfg64, prompts, **kw)
+  got = generate(params32, cfg32, prompts, **kw)
+  alone = [generate(params32, cfg32, [p], **kw)[0] for p in prompts]
+  for w, g, a in zip(want, got, alone):
+    first64, first32, first_alone = w.trace[0], g.trace[0], a.trace[0]
+    assert (first32.block, first32.step) == (first64.block, first64.step) == (0 + first64.block, 0)
+    np.testing.assert_allclose(first32.confidence, first64.confidence, atol=1e-4)
+    np.testing.assert_allclose(first_alone.confidence, first64.confidence, atol=1e-4)

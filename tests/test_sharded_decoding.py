@@ -1,5 +1,9 @@
 """Decoding with the weights split over 8 emulated CPU devices gives the single-device tokens.
 
+Token equality is exact as an algorithm, so it is checked in float64: in float32 the split sums round
+differently from one device's, and SPD's revision loop on a random model amplifies that until a token
+flips (by how much depends on the CPU's vector width).
+
 Experts are split over the ``expert`` axis and heads / widths over ``tensor`` by the same
 ``dmax_jax.sharding`` rules training uses; XLA partitions the compiled decoding program, except the
 Pallas MoE kernels, which run expert-parallel under ``shard_map`` when a mesh is set.
@@ -17,12 +21,15 @@ SCRIPT = textwrap.dedent("""
   import dataclasses, sys
   import numpy as np, jax, jax.numpy as jnp
   jax.config.update("jax_default_matmul_precision", "highest")
+  jax.config.update("jax_enable_x64", True)
   import dmax_jax
   from dmax_jax import sharding
   from dmax_jax.decoding import SPD, Threshold, generate
   assert jax.device_count() == 8
   cfg, params = dmax_jax.load_hf_checkpoint(sys.argv[1], moe_backend="grouped")
-  params = dict(params)
+  cfg = dataclasses.replace(cfg, compute_dtype="float64")
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), dict(params))
+  assert params["lm_head"].dtype == jnp.float64
   # sharper logits with a pull to each position's own token, as in test_decoding's model
   params["lm_head"] = jnp.asarray(np.array(params["lm_head"]) * 6.0 + np.array(params["embed"]).T)
   rng = np.random.default_rng(0)

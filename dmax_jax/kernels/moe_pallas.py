@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from dmax_jax.config import accum_dtype
+
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
@@ -176,15 +178,17 @@ def _row_block_kernel(expert_ref, used_ref, *refs, bk, num_weights, gather):
     if gather:
       row_idx = jnp.minimum(src_ref[pl.ds(pl.multiple_of(b * bm, bm), bm)], rows_ref.shape[0] - 1)
 
+    acc_t = accum_dtype(rows_ref.dtype)  # fp32 (fp64 for fp64 inputs, interpret mode)
+
     def body(k, accs):
       k0 = pl.multiple_of(k * bk, bk)
       x = rows_ref[row_idx, pl.ds(k0, bk)] if gather else rows_ref[:, pl.ds(k0, bk)]
       return tuple(
           acc + jnp.dot(x, w_ref[e, pl.ds(k0, bk), pl.ds(n0, tn)].astype(x.dtype),
-                        preferred_element_type=jnp.float32)
+                        preferred_element_type=acc_t)
           for acc, w_ref in zip(accs, w_refs))
 
-    zeros = tuple(jnp.zeros((bm, tn), jnp.float32) for _ in w_refs)
+    zeros = tuple(jnp.zeros((bm, tn), acc_t) for _ in w_refs)
     accs = jax.lax.fori_loop(0, K // bk, body, zeros)
     if len(accs) == 2:
       g, u = accs
@@ -282,10 +286,11 @@ def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, bloc
   kw = dict(block_rows=block_rows, interpret=interpret)
   h_PF = grouped_swiglu(x_TD, layout["src"], layout["expert"], layout["used"], w_gate_EDF, w_up_EDF, tiles=gate_up_tiles, **kw)
   y_PD = grouped_down(h_PF, layout["expert"], layout["used"], w_down_EFD, tiles=down_tiles, **kw)
-  y_TXD = y_PD[layout["pos"]].astype(jnp.float32)  # each (token, slot) pair's row: one gather
+  wide = accum_dtype(dtype)
+  y_TXD = y_PD[layout["pos"]].astype(wide)  # each (token, slot) pair's row: one gather
   if valid_TX is not None:
     y_TXD = jnp.where(valid_TX[..., None], y_TXD, 0.0)
-  return jnp.einsum("txd,tx->td", y_TXD, w_TX.astype(jnp.float32)).astype(dtype)
+  return jnp.einsum("txd,tx->td", y_TXD, w_TX.astype(wide)).astype(dtype)
 
 
 def experts_pallas_expert_parallel(x_TD, idx_TX, w_TX, w_gate_LEDF, w_up_LEDF, w_down_LEFD, layer, *,
@@ -315,7 +320,7 @@ def experts_pallas_expert_parallel(x_TD, idx_TX, w_TX, w_gate_LEDF, w_up_LEDF, w
     flat = [a.reshape((-1,) + a.shape[2:]) for a in (wg, wu, wd)]  # local [layers * local, ...]: a bitcast
     y = experts_pallas(x, jnp.where(mine, idx - first, 0), w, *flat,
                        num_experts=local, expert_offset=layer * local, valid_TX=mine, **kw)
-    return jax.lax.psum(y.astype(jnp.float32), axis)
+    return jax.lax.psum(y.astype(accum_dtype(dtype)), axis)
 
   experts = P(None, axis)
   out = jax.shard_map(body, in_specs=(P(), P(), P(), experts, experts, experts, P()), out_specs=P(),
