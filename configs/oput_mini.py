@@ -11,11 +11,12 @@ def get_config():
   c.init_from = ""  # required: converted (or Hugging Face) LLaDA-2.0-mini checkpoint dir
   c.compute_dtype = "bfloat16"  # mixed precision: bf16 compute, fp32 master weights
   c.remat = True  # gradient checkpointing
-  # Every expert on every token. XLA lowers the grouped backend's ragged_dot densely over all 256
-  # experts per (token, expert) pair: compiling this step on an H100 failed allocating a 32 GiB
-  # buffer, while the dense backend compiled with ~9 GiB of activations per 2048-token row
-  # (tools/plan_train_memory.py, BENCHMARKS.md).
-  c.moe_backend = "dense"
+  # Sorted (token, expert) rows through a grouped matmul in both directions (tokamax.ragged_dot on the
+  # GPU): only the routed experts' work, 1/32 of the dense backend's (BENCHMARKS.md, OPUT step).
+  c.moe_backend = "grouped"
+  # cuDNN's fused attention under the [x_t ; x_0] mask: 1.28x the step's tokens/s over XLA's attention on one
+  # H200 (BENCHMARKS.md); the plain XLA attention elsewhere (CPU memory plans).
+  c.attention = "cudnn"
   c.data.path = ""  # required: self-distilled {"question","answer"} JSONL
   c.data.max_seq_len = 2048  # max_seq_len 2048
   c.objective.oput = True  # On-Policy Uniform Training (on/off-policy duplication + rollout)

@@ -102,3 +102,36 @@ def uniform_routing(key, T, E, X):
   idx = jnp.argsort(jax.random.uniform(ki, (T, E)), axis=1)[:, :X].astype(jnp.int32)
   w = jax.random.uniform(kw, (T, X), minval=0.1, maxval=1.0)
   return idx, w / w.sum(axis=1, keepdims=True)
+
+
+def active_matmul_params(cfg) -> int:
+  """Weights one token multiplies through in the layers (attention, dense MLPs, router, top-k and shared experts).
+
+  The embedding (a row lookup) and the lm_head (counted apart) are left out.
+  """
+  D = cfg.hidden_size
+  attn = D * cfg.qkv_size + cfg.num_attention_heads * cfg.head_dim * D
+  dense = 3 * D * cfg.intermediate_size
+  moe = D * cfg.num_experts + 3 * D * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.num_shared_experts)
+  return cfg.num_hidden_layers * attn + cfg.num_dense_layers * dense + cfg.num_moe_layers * moe
+
+
+def oput_step_flops(cfg, rows: int, length: int, allowed_pairs: int, rollout: bool = True) -> float:
+  """Useful FLOPs of one OPUT step over ``rows`` sequences of ``length`` tokens (the ``[x_t ; x_0]`` input is 2x).
+
+  Counted as: 2 x active parameters per input token for the rollout forward
+  plus 6 x for the training forward and backward; attention (QK^T and PV,
+  4 * heads * head_dim per pair) only over the ``allowed_pairs`` query-key
+  pairs the mask allows, x1 for the rollout and x3 for training; the lm_head
+  on the noisy half only; no remat recompute, no optimizer.
+  """
+  per_pass = (2 * rows * 2 * length * active_matmul_params(cfg)
+              + 2 * rows * length * cfg.hidden_size * cfg.vocab_size
+              + 4 * rows * allowed_pairs * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers)
+  return (3 + (1 if rollout else 0)) * per_pass
+
+
+def matmul_rate(n=8192, dtype=jnp.bfloat16, **timing):
+  """FLOP/s of one ``n x n x n`` matrix product on random inputs (the device's practical matmul ceiling)."""
+  a, b = (jax.random.normal(jax.random.key(i), (n, n), dtype) for i in (0, 1))
+  return 2 * n**3 / time_fn(jax.jit(jnp.matmul), (a, b), **timing)

@@ -73,8 +73,16 @@ def rope(x_BLHR, positions_BL, cfg: ModelConfig):
   return jnp.concatenate([rot, passthrough], axis=-1).astype(dtype)
 
 
-def attend(q_BLHR, k_BSGR, v_BSGR, mask_BLS):
-  """Grouped-query softmax attention; scores and softmax in float32 (or wider)."""
+def attend(q_BLHR, k_BSGR, v_BSGR, mask_BLS, implementation: str = "xla"):
+  """Grouped-query softmax attention; scores and softmax in float32 (or wider).
+
+  ``implementation="cudnn"``: cuDNN's fused flash attention with the boolean
+  mask, which never writes the [L, S] scores to memory, where it runs (an
+  NVIDIA GPU, bf16/fp16 inputs); elsewhere, and for ``"xla"``, the plain
+  einsum / softmax / einsum below.
+  """
+  if implementation == "cudnn" and jax.default_backend() == "gpu" and q_BLHR.dtype in (jnp.bfloat16, jnp.float16):
+    return jax.nn.dot_product_attention(q_BLHR, k_BSGR, v_BSGR, mask=mask_BLS[:, None], implementation="cudnn")
   B, L, H, R = q_BLHR.shape
   G = k_BSGR.shape[2]
   q = q_BLHR.reshape(B, L, G, H // G, R)
@@ -95,8 +103,8 @@ def _attention(p, x_BLD, positions_BL, cfg: ModelConfig, mask, kv):
   """Self-attention of one layer.
 
   Without ``kv`` the keys are this call's own (``mask`` [B, L, L]). With
-  ``kv = (k_cache, v_cache, start)`` the new keys/values are written into the
-  cache at ``start`` first and the queries attend over the whole cache under
+  ``kv = (k_cache, v_cache, start, layer)`` the new keys/values are written into
+  layer ``layer`` of the stack's cache at ``start`` first and the queries attend over the whole cache under
   ``mask`` [B, L, S]. Returns (output, updated (k_cache, v_cache) or None).
   """
   B, L, _ = x_BLD.shape
@@ -111,19 +119,14 @@ def _attention(p, x_BLD, positions_BL, cfg: ModelConfig, mask, kv):
   k = rope(k, positions_BL, cfg)
   new_kv = None
   if kv is not None:
-    k_cache, v_cache, start, layer = kv
-    if layer is None:  # this layer's [B, S, G, R] cache
-      k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), _index(0, start, 0, 0))
-      v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), _index(0, start, 0, 0))
-      k, v = k_cache, v_cache
-    else:  # the whole stack's [layers, B, S, G, R] cache: write only the new rows, in place
-      at = _index(layer, 0, start, 0, 0)
-      k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], at)
-      v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], at)
-      k, v = k_cache[layer], v_cache[layer]
+    k_cache, v_cache, start, layer = kv  # the whole stack's [layers, B, S, G, R] cache: new rows written in place
+    at = _index(layer, 0, start, 0, 0)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], at)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], at)
+    k, v = k_cache[layer], v_cache[layer]
     new_kv = (k_cache, v_cache)
     k, v = k.astype(dtype), v.astype(dtype)
-  out = attend(q, k, v, mask)
+  out = attend(q, k, v, mask, cfg.attention)
   out = out.reshape(B, L, H * R) @ p["o"].astype(dtype)
   return out, new_kv
 
@@ -134,8 +137,11 @@ def _dense_mlp(p, x_BLD):
   return h @ p["down"].astype(dtype)
 
 
-def _layer(p, x_BLD, positions_BL, cfg: ModelConfig, kind: str, mask, kv):
-  """One decoder layer: x + attn(norm(x)), then + mlp(norm(x)). Returns (x, new_kv, router)."""
+def _layer(p, x_BLD, positions_BL, cfg: ModelConfig, kind: str, mask, kv, experts=(None, 0)):
+  """One decoder layer: x + attn(norm(x)), then + mlp(norm(x)). Returns (x, new_kv, router).
+
+  ``experts`` is (what ``moe.prepare_experts`` kept whole, this layer's index).
+  """
   h = rms_norm(x_BLD, p["attn_norm"], cfg.rms_norm_eps)
   attn_out, new_kv = _attention(p, h, positions_BL, cfg, mask, kv)
   x_BLD = x_BLD + attn_out
@@ -144,7 +150,7 @@ def _layer(p, x_BLD, positions_BL, cfg: ModelConfig, kind: str, mask, kv):
     mlp_out, router = _dense_mlp(p, h), None
   else:
     B, L, D = h.shape
-    y, router = moe.moe_mlp(p, h.reshape(B * L, D), cfg)
+    y, router = moe.moe_mlp(p, h.reshape(B * L, D), cfg, *experts)
     mlp_out = y.reshape(B, L, D)
     router = jax.tree.map(lambda a: a.reshape(B, L, -1), router)
   return x_BLD + mlp_out, new_kv, router
@@ -153,67 +159,49 @@ def _layer(p, x_BLD, positions_BL, cfg: ModelConfig, kind: str, mask, kv):
 _NORMS = ("attn_norm", "mlp_norm", "q_norm", "k_norm")
 
 
+def _pack_norms(stack):
+  """(stack less its norm vectors, them as one [layers, sum of widths] array, unpack(layer params, row)).
+
+  XLA copies each per-layer slice of a scanned parameter out with its own
+  launch, and these vectors are tiny: one array costs one copy instead of four.
+  """
+  names = [k for k in _NORMS if k in stack]
+  widths = np.cumsum([stack[k].shape[-1] for k in names])[:-1]
+  rest = {k: v for k, v in stack.items() if k not in names}
+
+  def unpack(p, packed):
+    return dict(p, **dict(zip(names, jnp.split(packed, widths, axis=-1))))
+
+  return rest, jnp.concatenate([stack[k] for k in names], axis=-1), unpack
+
+
 def _run_stack(stack, x, positions, cfg: ModelConfig, kind: str, mask, cache, start):
-  """Runs a stack of layers (scan or Python loop). Returns (x, new cache stack, router per layer)."""
+  """Runs a stack of layers (scan or Python loop). Returns (x, new cache stack, router per layer).
+
+  The whole stack's cache rides in the carry and each layer writes its new rows
+  in place (scanning over cache slices copies every layer's cache out and back).
+  """
   num = jax.tree.leaves(stack)[0].shape[0]
-  shared = {}
-  if kind == "moe" and cfg.moe_backend == "pallas" and cfg.scan_layers:
-    # Slicing a layer's experts out of the [layers, E, ...] stack would copy ~1.6 GB per layer at
-    # LLaDA-2.0-mini size; the kernel instead reads the flattened stack at the layer's offset.
-    stack = dict(stack)
-    weights = [stack.pop(k) for k in ("w_gate", "w_up", "w_down")]
-    if moe.expert_parallel_size() > 1:  # each device flattens its own slice (moe_pallas)
-      shared["experts_stacked"] = tuple(weights)
-    else:
-      shared["experts_flat"] = tuple(w.reshape((-1,) + w.shape[2:]) for w in weights)
-  if cfg.scan_layers:  # each layer's index, for in-place reads of stacked weights and cache
-    stack = dict(stack, layer=jnp.arange(num, dtype=jnp.int32))
+  stack, whole = moe.prepare_experts(stack, cfg) if kind == "moe" else (stack, None)
 
-  norm_names = [k for k in _NORMS if k in stack]
-  if cfg.scan_layers and norm_names:
-    # One [layers, sum of widths] array instead of four: XLA copies each per-layer slice of a
-    # scanned parameter out with its own launch, and these vectors are tiny.
-    stack = dict(stack)
-    widths = [stack[k].shape[-1] for k in norm_names]
-    stack["norms"] = jnp.concatenate([stack.pop(k) for k in norm_names], axis=-1)
-
-  def layer_params(p):
-    p = dict(p, **shared)
-    if "norms" in p:
-      p.update(zip(norm_names, jnp.split(p.pop("norms"), np.cumsum(widths)[:-1], axis=-1)))
-    return p
-
-  def body(x, layer):
-    p, c = layer
-    p = layer_params(p)
-    kv = None if c is None else (c["k"], c["v"], start, None)
-    x, new_kv, router = _layer(p, x, positions, cfg, kind, mask, kv)
-    new_c = None if new_kv is None else {"k": new_kv[0], "v": new_kv[1]}
-    return x, (new_c, router)
-
-  def cached_body(carry, p):
-    # The whole stack's cache rides in the carry and each layer writes its new rows in place
-    # (scanning over cache slices instead copies every layer's cache out and back each forward).
-    x, c = carry
-    p = layer_params(p)
-    x, (k, v), router = _layer(p, x, positions, cfg, kind, mask, (c["k"], c["v"], start, p["layer"]))
-    return (x, {"k": k, "v": v}), router
+  def body(carry, xs):
+    (x, c), (p, layer) = carry, xs
+    kv = None if c is None else (c["k"], c["v"], start, layer)
+    x, new_kv, router = _layer(p, x, positions, cfg, kind, mask, kv, (whole, layer))
+    return (x, None if new_kv is None else {"k": new_kv[0], "v": new_kv[1]}), router
 
   if cfg.remat:
     body = jax.checkpoint(body, prevent_cse=not cfg.scan_layers)
-  if cfg.scan_layers and cache is not None:
-    (x, new_cache), router = jax.lax.scan(cached_body, (x, cache), stack)
-    return x, new_cache, router
   if cfg.scan_layers:
-    x, (new_cache, router) = jax.lax.scan(body, x, (stack, cache))
-    return x, new_cache, router
-  outs = []
+    stack, norms, unpack = _pack_norms(stack)
+    layers = (stack, norms, jnp.arange(num, dtype=jnp.int32))
+    (x, cache), router = jax.lax.scan(lambda carry, xs: body(carry, (unpack(*xs[:2]), xs[2])), (x, cache), layers)
+    return x, cache, router
+  routers = []
   for i in range(num):
-    layer = jax.tree.map(lambda a: a[i], (stack, cache))
-    x, out = body(x, layer)
-    outs.append(out)
-  stacked = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else (None, None)
-  return x, stacked[0], stacked[1]
+    (x, cache), router = body((x, cache), (jax.tree.map(lambda a, i=i: a[i], stack), i))
+    routers.append(router)
+  return x, cache, jax.tree.map(lambda *a: jnp.stack(a), *routers)
 
 
 def embed(params, config: ModelConfig, tokens):

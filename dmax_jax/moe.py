@@ -1,24 +1,42 @@
 """Mixture of experts: routing, dispatch, expert matmuls, combine.
 
 Shape letters: T tokens (flattened batch x length), D model width, E experts,
-F expert width, X experts per token (top-k).
+F expert width, X experts per token (top-k), R = T*X sorted (token, expert) rows.
 
-Two (three) interchangeable backends compute the routed experts:
+``moe_mlp`` is the one entry point (training and decoding both call it). The
+routed experts run through one of three backends (``cfg.moe_backend``), each of
+which prepares its own weight layout (``prepare_experts``):
+- ``grouped``: (token, expert) pairs sorted by expert and pushed through a
+  grouped matmul in both directions, gate/up and down (``ragged_dot``:
+  ``tokamax.ragged_dot`` where tokamax is installed, which picks its Mosaic GPU
+  kernel on Hopper and XLA elsewhere; ``jax.lax.ragged_dot`` otherwise), then
+  combined back per token. Under a device mesh (``jax.set_mesh``) it runs in
+  ``shard_map``: tokens split over the data axes, each device computing the
+  rows of its own experts (``expert`` axis) and its slice of the expert width
+  (``tensor``), weights gathered over ``fsdp``, partial outputs summed.
 - ``dense``: every expert on every token, weighted by a [T, E] combine matrix.
   Plain and obviously right; the reference the other backends are tested
   against.
-- ``grouped``: (token, expert) pairs sorted by expert and pushed through a
-  grouped matmul (``jax.lax.ragged_dot``), then scattered back.
-- ``pallas``: the grouped layout with a Pallas kernel that skips empty
-  experts (see ``dmax_jax/kernels``), for small token counts on the GPU.
+- ``pallas``: the grouped layout with a Pallas-Triton kernel that skips empty
+  experts (see ``dmax_jax/kernels``), forward only, for decoding on the GPU.
+  Inside a layer scan it reads every layer's experts in place from one
+  flattened (or, expert-parallel, stacked) array instead of a per-layer slice.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from dmax_jax.config import ModelConfig, accum_dtype
+
+EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
 def route(router_w_DE, expert_bias_E, x_TD, cfg: ModelConfig):
@@ -81,78 +99,215 @@ def experts_dense(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD):
   return y_TD.astype(dtype)
 
 
+@functools.cache
+def _tokamax():
+  """The tokamax module, or None where it is not installed (CPU installs)."""
+  try:
+    import tokamax  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  return tokamax
+
+
+_MEMORY_STAND_IN = [False]
+
+
+@contextlib.contextmanager
+def kernel_memory_stand_in():
+  """Within this context ``ragged_dot`` compiles to a stand-in with a fused kernel's memory footprint.
+
+  For planning memory only (``tools/plan_train_memory.py``), never for
+  running: its outputs are zeros. XLA's own ``ragged_dot`` (the CPU's, and
+  tokamax's XLA fallback) expands the product densely over all E groups,
+  tens of GiB per call at LLaDA-2.0-mini training sizes, while tokamax's GPU
+  kernels read their operands and write their output and nothing else; the
+  stand-in (host callbacks, forward and backward) asks XLA for exactly those
+  buffers.
+  """
+  _MEMORY_STAND_IN[0] = True
+  try:
+    yield
+  finally:
+    _MEMORY_STAND_IN[0] = False
+
+
+@jax.custom_vjp
+def _stand_in_ragged_dot(x_RK, w_EKN, group_sizes_E):
+  out = jax.ShapeDtypeStruct((x_RK.shape[0], w_EKN.shape[2]), x_RK.dtype)
+  return jax.pure_callback(lambda *_: np.zeros(out.shape, out.dtype), out, x_RK, w_EKN, group_sizes_E)
+
+
+def _stand_in_fwd(x_RK, w_EKN, group_sizes_E):
+  return _stand_in_ragged_dot(x_RK, w_EKN, group_sizes_E), (x_RK, w_EKN, group_sizes_E)
+
+
+def _stand_in_bwd(res, ct_RN):
+  x, w, g = res
+  shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, w.dtype))
+  dx, dw = jax.pure_callback(lambda *_: tuple(np.zeros(s.shape, s.dtype) for s in shapes), shapes, x, w, g, ct_RN)
+  return x * 0 + dx, w * 0 + dw, None  # "* 0 +": the cotangents vary over the mesh axes their inputs vary over
+
+
+_stand_in_ragged_dot.defvjp(_stand_in_fwd, _stand_in_bwd)
+
+
+def ragged_dot(x_RK, w_EKN, group_sizes_E):
+  """``[R, N]``: rows ``x`` in consecutive groups, group e multiplied by ``w[e]``; rows past the groups are 0.
+
+  ``tokamax.ragged_dot`` where tokamax is installed (it picks its kernel per
+  platform: Mosaic GPU on Hopper and later, XLA elsewhere); otherwise
+  ``jax.lax.ragged_dot``, which XLA lowers densely over all E groups on NVIDIA
+  GPUs (BENCHMARKS.md).
+  """
+  if _MEMORY_STAND_IN[0]:
+    return _stand_in_ragged_dot(x_RK, w_EKN, group_sizes_E)
+  tokamax = _tokamax()
+  if tokamax is not None:
+    return tokamax.ragged_dot(x_RK, w_EKN, group_sizes_E)
+  return jax.lax.ragged_dot(x_RK, w_EKN, group_sizes_E)
+
+
 def sort_by_expert(idx_TX, num_experts):
   """Orders the T*X (token, expert) pairs by expert.
 
-  Returns (order [T*X]: pair index of each sorted row, token [T*X]: the token
-  of each sorted row, group_sizes [E]: rows per expert).
+  Ids outside ``[0, num_experts)`` belong to no group and sort last. Returns
+  (order [T*X]: pair index of each sorted row, token [T*X]: the token of each
+  sorted row, group_sizes [E]: rows per expert).
   """
   flat = idx_TX.reshape(-1)
+  flat = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts)
   order = jnp.argsort(flat, stable=True)
   token = order // idx_TX.shape[1]
-  group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  group_sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1, mode="drop")
   return order, token, group_sizes
 
 
-def experts_grouped(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD):
-  """Grouped backend: sorted (token, expert) rows through ``ragged_dot``."""
+def _grouped_rows(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD):
+  """Routed output [T, D] in float32 of the pairs whose id is in ``[0, E)``; other pairs add nothing."""
   dtype = x_TD.dtype
   T, X = idx_TX.shape
-  order, token, group_sizes = sort_by_expert(idx_TX, w_gate_EDF.shape[0])
+  E = w_gate_EDF.shape[0]
+  order, token, group_sizes = sort_by_expert(idx_TX, E)
   xs_RD = x_TD[token]
-  gate_RF = jax.lax.ragged_dot(xs_RD, w_gate_EDF.astype(dtype), group_sizes)
-  up_RF = jax.lax.ragged_dot(xs_RD, w_up_EDF.astype(dtype), group_sizes)
-  ys_RD = jax.lax.ragged_dot(_swiglu(gate_RF, up_RF), w_down_EFD.astype(dtype), group_sizes)
-  return combine_sorted(ys_RD, order, w_TX, T).astype(dtype)
+  gate_RF = ragged_dot(xs_RD, w_gate_EDF.astype(dtype), group_sizes)
+  up_RF = ragged_dot(xs_RD, w_up_EDF.astype(dtype), group_sizes)
+  ys_RD = ragged_dot(_swiglu(gate_RF, up_RF), w_down_EFD.astype(dtype), group_sizes)
+  valid_TX = (idx_TX >= 0) & (idx_TX < E)
+  return combine_sorted(ys_RD, order, jnp.where(valid_TX, w_TX, 0.0), T, valid_TX)
 
 
-def combine_sorted(ys_RD, order, w_TX, T):
-  """Un-sorts expert outputs and sums them per token with the combine weights (fp32)."""
+def combine_sorted(ys_RD, order, w_TX, T, valid_TX=None):
+  """Un-sorts expert outputs and sums them per token with the combine weights (fp32).
+
+  Rows of pairs where ``valid_TX`` is False are dropped (whatever they hold).
+  """
   X = w_TX.shape[1]
   unsorted = jnp.zeros_like(ys_RD).at[order].set(ys_RD)
   y_TXD = unsorted.reshape(T, X, -1).astype(w_TX.dtype)
+  if valid_TX is not None:
+    y_TXD = jnp.where(valid_TX[..., None], y_TXD, 0.0)
   return jnp.einsum("txd,tx->td", y_TXD, w_TX)
 
 
-def expert_parallel_size(axis: str = "expert") -> int:
-  """Devices along ``axis`` of the mesh set with ``jax.set_mesh`` (1 without one).
+def _mesh_axes(mesh, names, dim):
+  """The axes of ``names`` with more than one device if together they divide ``dim``, else ()."""
+  axes = tuple(a for a in names if dict(mesh.shape).get(a, 1) > 1)
+  return axes if dim % math.prod(mesh.shape[a] for a in axes) == 0 else ()
 
-  The ``pallas`` backend splits the experts over this axis when it is > 1
-  (``moe_pallas.experts_pallas_expert_parallel``); the other backends leave
-  partitioning to XLA.
+
+def experts_grouped(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD):
+  """Grouped backend: sorted (token, expert) rows through ``ragged_dot``; split over the mesh if one is set.
+
+  Under a mesh of several devices this runs in ``shard_map``: the tokens are
+  split over the ``data`` and ``fsdp`` axes, the experts over ``expert`` (each
+  device sorts and multiplies only the rows routed to its own experts) and the
+  expert width over ``tensor``; weights are gathered over ``fsdp`` (ZeRO-3) and
+  the partial outputs summed over ``expert`` and ``tensor`` in float32.
   """
+  dtype = x_TD.dtype
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return _grouped_rows(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD).astype(dtype)
+  E, _, F = w_gate_EDF.shape
+  tokens = _mesh_axes(mesh, ("data", "fsdp"), x_TD.shape[0]) or None
+  experts = _mesh_axes(mesh, ("expert",), E)
+  width = _mesh_axes(mesh, ("tensor",), F)
+  local = E // math.prod(mesh.shape[a] for a in experts)
+
+  def body(x, idx, w, wg, wu, wd):
+    first = jax.lax.axis_index(experts) * local if experts else 0
+    if experts + width:  # each device's rows differ: x's cotangent is then summed over these axes
+      x = jax.lax.pcast(x, experts + width, to="varying")
+    y = _grouped_rows(x, idx - first, w, wg, wu, wd)  # ids of other devices' experts fall outside [0, local)
+    return jax.lax.psum(y, experts + width) if experts + width else y
+
+  e, t = experts or None, width or None
+  rows = P(tokens)
+  weights = (w.astype(dtype) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))  # cast first: gathered over fsdp in dtype
+  out = jax.shard_map(body, in_specs=(rows, rows, rows, P(e, None, t), P(e, None, t), P(e, t, None)),
+                      out_specs=rows)(x_TD, idx_TX, w_TX, *weights)
+  return out.astype(dtype)
+
+
+def expert_parallel_size(axis: str = "expert") -> int:
+  """Devices along ``axis`` of the mesh set with ``jax.set_mesh`` (1 without one)."""
   mesh = jax.sharding.get_abstract_mesh()
   return 1 if mesh.empty else dict(mesh.shape).get(axis, 1)
 
 
-def moe_mlp(p, x_TD, cfg: ModelConfig):
+def prepare_experts(stack, cfg: ModelConfig):
+  """A MoE layer stack ``[layers, ...]`` -> (what a layer scan slices per layer, what every layer reads whole).
+
+  ``grouped`` and ``dense`` slice their ``[E, ...]`` experts per layer. The
+  ``pallas`` kernels read the whole ``[layers * E, ...]`` flattened stack at the
+  layer's offset instead (slicing a layer out would copy ~1.6 GB per layer at
+  LLaDA-2.0-mini size), or, expert-parallel, each device's local slice of the
+  ``[layers, E, ...]`` stack.
+  """
+  if cfg.moe_backend != "pallas":
+    return stack, None
+  per_layer = {k: v for k, v in stack.items() if k not in EXPERT_WEIGHTS}
+  weights = tuple(stack[k] for k in EXPERT_WEIGHTS)
+  if expert_parallel_size() > 1:
+    return per_layer, ("stacked", weights)
+  return per_layer, ("flat", tuple(w.reshape((-1,) + w.shape[2:]) for w in weights))
+
+
+def _routed(p, x_TD, idx_TX, w_TX, cfg: ModelConfig, whole, layer):
+  """The routed experts' output [T, D] through ``cfg.moe_backend``.
+
+  ``p`` holds the layer's own weights; ``whole`` is what ``prepare_experts``
+  kept whole for every layer (None: the experts are in ``p``) and ``layer``
+  this layer's index in it.
+  """
+  if cfg.moe_backend == "dense":
+    return experts_dense(x_TD, idx_TX, w_TX, *(p[k] for k in EXPERT_WEIGHTS))
+  if cfg.moe_backend == "grouped":
+    return experts_grouped(x_TD, idx_TX, w_TX, *(p[k] for k in EXPERT_WEIGHTS))
+  if cfg.moe_backend != "pallas":
+    raise ValueError(f"unknown moe_backend {cfg.moe_backend!r}")
+  from dmax_jax.kernels import moe_pallas  # pylint: disable=import-outside-toplevel
+
+  if whole is None:  # one layer's [E, ...] experts
+    whole, layer = ("stacked", tuple(p[k][None] for k in EXPERT_WEIGHTS)), 0
+  kind, weights = whole
+  if kind == "stacked" and expert_parallel_size() > 1:
+    return moe_pallas.experts_pallas_expert_parallel(x_TD, idx_TX, w_TX, *weights, layer)
+  if kind == "stacked":
+    weights = tuple(w.reshape((-1,) + w.shape[2:]) for w in weights)
+  return moe_pallas.experts_pallas(x_TD, idx_TX, w_TX, *weights, num_experts=cfg.num_experts,
+                                   expert_offset=layer * cfg.num_experts)
+
+
+def moe_mlp(p, x_TD, cfg: ModelConfig, whole=None, layer=0):
   """Routed experts plus the shared expert for one MoE layer.
 
-  ``p`` holds one layer's MoE weights (see ``params.py``). Returns (y [T, D],
-  (ids [T, X], weights [T, X])).
+  ``p`` holds one layer's MoE weights (see ``params.py``), less what
+  ``prepare_experts`` keeps in ``whole`` (``layer``: this layer's index there).
+  Returns (y [T, D], (ids [T, X], weights [T, X])).
   """
   idx_TX, w_TX = route(p["router"], p["expert_bias"], x_TD, cfg)
-  if cfg.moe_backend == "dense":
-    routed = experts_dense(x_TD, idx_TX, w_TX, p["w_gate"], p["w_up"], p["w_down"])
-  elif cfg.moe_backend == "grouped":
-    routed = experts_grouped(x_TD, idx_TX, w_TX, p["w_gate"], p["w_up"], p["w_down"])
-  elif cfg.moe_backend == "pallas":
-    from dmax_jax.kernels import moe_pallas  # pylint: disable=import-outside-toplevel
-
-    if "experts_stacked" in p:  # every layer's experts, split over the mesh's expert axis
-      routed = moe_pallas.experts_pallas_expert_parallel(x_TD, idx_TX, w_TX, *p["experts_stacked"], p["layer"])
-    elif "experts_flat" in p:  # every layer's experts, read in place (see model._run_stack)
-      wg, wu, wd = p["experts_flat"]
-      routed = moe_pallas.experts_pallas(x_TD, idx_TX, w_TX, wg, wu, wd, num_experts=cfg.num_experts,
-                                         expert_offset=p["layer"] * cfg.num_experts)
-    elif expert_parallel_size() > 1:
-      routed = moe_pallas.experts_pallas_expert_parallel(
-          x_TD, idx_TX, w_TX, p["w_gate"][None], p["w_up"][None], p["w_down"][None], 0)
-    else:
-      routed = moe_pallas.experts_pallas(x_TD, idx_TX, w_TX, p["w_gate"], p["w_up"], p["w_down"])
-  else:
-    raise ValueError(f"unknown moe_backend {cfg.moe_backend!r}")
-  y = routed
+  y = _routed(p, x_TD, idx_TX, w_TX, cfg, whole, layer)
   if cfg.num_shared_experts:
     dtype = x_TD.dtype
     shared = jnp.einsum(

@@ -162,7 +162,7 @@ def make_step_fn(cfg: ModelConfig, obj: losses.Objective, tx: optax.GradientTran
 
 def _numerics(config) -> dict:
   return dict(compute_dtype=config.compute_dtype, remat=config.remat, moe_backend=config.moe_backend,
-              scan_layers=config.scan_layers)
+              scan_layers=config.scan_layers, attention=config.get("attention", "xla"))
 
 
 def model_config(config) -> ModelConfig:
@@ -312,9 +312,15 @@ def abstract_state(config, cfg, tx, mesh):
 
 
 def jit_step(cfg, obj, tx, sched, mesh, state_like):
+  """The jitted step, traced under ``mesh`` (the grouped MoE splits its experts over the mesh itself)."""
   step = make_step_fn(cfg, obj, tx, sched)
+
+  def step_in_mesh(state, batch):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return step(state, batch)
+
   st_shard = state_shardings(mesh, state_like)
-  return jax.jit(step, in_shardings=(st_shard, None), out_shardings=(st_shard, None), donate_argnums=(0,))
+  return jax.jit(step_in_mesh, in_shardings=(st_shard, None), out_shardings=(st_shard, None), donate_argnums=(0,))
 
 
 def _put(x: np.ndarray, shard) -> jax.Array:

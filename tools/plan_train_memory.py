@@ -10,9 +10,12 @@ can check that a mesh fits before a multi-GPU run. Reports, per device: the trai
 (fp32 parameters + AdamW moments, sharded), the temporaries the step needs (activations, gradients,
 optimizer scratch) as XLA's buffer assignment plans them, and the total. XLA's CPU and GPU backends
 fuse and schedule differently, so temporaries on a GPU differ somewhat from an emulated plan; the
-state size is exact.
+state size is exact. With the grouped MoE backend, ``ragged_dot`` is planned by default as the fused
+kernel tokamax runs on GPUs (operands and output only); ``--nokernel_stand_in`` plans XLA's own dense
+expansion instead (tens of GiB per call: what a CPU would run).
 """
 
+import contextlib
 import os
 import sys
 import time
@@ -26,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
 flags.DEFINE_integer("devices", 0, "emulated CPU devices when no accelerator is present (0: the real devices)")
 flags.DEFINE_integer("steps", 1000, "planned run length (only shapes the learning-rate schedule)")
+flags.DEFINE_bool("kernel_stand_in", True, "plan the grouped MoE's ragged_dot as a fused kernel (its operands and "
+                  "output only, as tokamax's GPU kernels) instead of XLA's dense expansion (moe.kernel_memory_stand_in)")
 flags.mark_flags_as_required(["config"])
 
 
@@ -42,7 +47,7 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from dmax_jax import config as config_lib, params as params_lib, sharding, trainer  # pylint: disable=import-outside-toplevel
+  from dmax_jax import config as config_lib, moe, params as params_lib, sharding, trainer  # pylint: disable=import-outside-toplevel
   from dmax_jax.optim import make_optimizer  # pylint: disable=import-outside-toplevel
 
   config = flags.FLAGS.config
@@ -77,8 +82,12 @@ def main(argv):
   print(f"model: {n_params / 1e9:.2f} B parameters, {cfg.num_hidden_layers} layers, {cfg.num_experts} experts; "
         f"compute {cfg.compute_dtype}, remat {cfg.remat}")
   print(f"batch: {t.global_batch_size} sequences x {L} tokens = {p.accum} micro-steps of {p.micro_rows} rows")
+  stand_in = flags.FLAGS.kernel_stand_in and cfg.moe_backend == "grouped"
+  if stand_in:
+    print("grouped MoE: ragged_dot planned as a fused kernel (operands and output only), not XLA's dense expansion")
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
+  with moe.kernel_memory_stand_in() if stand_in else contextlib.nullcontext():
+    compiled = step_fn.lower(state, batch).compile()
   mem = compiled.memory_analysis()
   held = sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
   print(f"compiled in {time.perf_counter() - t0:.0f} s")
