@@ -126,6 +126,19 @@ class ParamsWriter:
     except ValueError as e:  # tensorstore reports I/O failures (a full disk) as ValueError
       raise OSError(0, f"cannot write ({str(e).splitlines()[0]})", os.path.join(self.dir, ".".join(leaf))) from None
 
+  def __enter__(self) -> "ParamsWriter":
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is not None:  # let writes still in flight land before the staging directory is removed
+      for future, _, _ in self._pending:
+        try:
+          future.result()
+        except Exception:  # pylint: disable=broad-except
+          pass
+      self._pending.clear()
+    return False
+
   def finish(self) -> None:
     while self._pending:
       self._wait_one()
@@ -217,11 +230,12 @@ def convert_hf(hf_dir: str, out_dir: str, dtype=jnp.float32, progress: bool = Tr
   reader = SafetensorsReader(hf_dir)  # checks the directory, the index, every shard's size and dtypes
   cfg = _load_config(hf_dir)
   with staging as tmp:
-    writer = ParamsWriter(os.path.join(tmp, PARAMS_DIR), cfg, jnp.dtype(dtype))
-    total = len(reader.names())
-    for e, tensor in tqdm(iter_checked(reader, cfg), total=total, desc="convert", unit="tensor", disable=not progress):
-      writer.write(e.leaf, e.index, from_hf_layout(e, tensor))
-    writer.finish()
+    with ParamsWriter(os.path.join(tmp, PARAMS_DIR), cfg, jnp.dtype(dtype)) as writer:
+      total = len(reader.names())
+      for e, tensor in tqdm(iter_checked(reader, cfg), total=total, desc="convert", unit="tensor",
+                            disable=not progress):
+        writer.write(e.leaf, e.index, from_hf_layout(e, tensor))
+      writer.finish()
     _write_config(hf_config_dict(cfg, hf_dir), tmp)
     _copy_side_files(hf_dir, tmp)
   return cfg
@@ -243,16 +257,16 @@ def save_checkpoint(params, cfg: ModelConfig, path: str, tokenizer_dir: Optional
     raise CheckpointError(f"{path}: params do not match the config (leaves {sorted(set(leaves) ^ set(want))})")
   dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(jax.tree.leaves(params)[0].dtype)
   with _Staging(path) as tmp:
-    writer = ParamsWriter(os.path.join(tmp, PARAMS_DIR), cfg, dtype)
-    for leaf, x in leaves.items():
-      if tuple(x.shape) != want[leaf]:
-        raise CheckpointError(f"{path}: params leaf {'.'.join(leaf)} has shape {tuple(x.shape)}, expected {want[leaf]}")
-      if len(x.shape) > 1 and leaf[0] in ("dense", "moe"):
-        for j in range(x.shape[0]):
-          writer.write(leaf, (j,), np.asarray(x[j]))
-      else:
-        writer.write(leaf, (), np.asarray(x))
-    writer.finish()
+    with ParamsWriter(os.path.join(tmp, PARAMS_DIR), cfg, dtype) as writer:
+      for leaf, x in leaves.items():
+        if tuple(x.shape) != want[leaf]:
+          raise CheckpointError(f"{path}: params leaf {'.'.join(leaf)} has shape {tuple(x.shape)}, expected {want[leaf]}")
+        if len(x.shape) > 1 and leaf[0] in ("dense", "moe"):
+          for j in range(x.shape[0]):
+            writer.write(leaf, (j,), np.asarray(x[j]))
+        else:
+          writer.write(leaf, (), np.asarray(x))
+      writer.finish()
     _write_config(hf_config_dict(cfg), tmp)
     _copy_side_files(tokenizer_dir, tmp)
 
