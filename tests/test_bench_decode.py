@@ -1,5 +1,6 @@
 """tools/bench_decode.py end to end at tiny shapes, on one device and split over 8 emulated devices."""
 
+import pytest
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ def _run(tmp_path, *args, devices=1):
   return json.loads(out.read_text()), r.stdout
 
 
+@pytest.mark.slow  # ~10-60 s on 2 cores; keeps the default suite under 10 minutes
 def test_mesh_split_forward_agrees_and_reports_rows(tmp_path):
   res, stdout = _run(tmp_path, "--mesh", "expert=4,tensor=2", "--no-spd", "--routing", "raw", devices=8)
   assert res["mesh"]["expert"] == 4 and res["mesh"]["tensor"] == 2

@@ -1,5 +1,6 @@
 """tools/bench_train.py at tiny widths, and its useful-FLOP count against a hand computation."""
 
+import pytest
 import dataclasses
 import json
 import os
@@ -30,6 +31,7 @@ def test_useful_flops_by_hand():
   assert oput_step_flops(cfg, 1, 4, pairs, rollout=False) == 3 * per_pass
 
 
+@pytest.mark.slow  # ~10-60 s on 2 cores; keeps the default suite under 10 minutes
 def test_bench_train_tiny_runs_both_backends(tmp_path):
   out = tmp_path / "train.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))

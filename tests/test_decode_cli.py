@@ -165,6 +165,7 @@ def test_usage_errors_exit_2(ckpt, capsys, extra, message):
   assert err == [f"error: {err[0][7:]}"] and message in err[0]
 
 
+@pytest.mark.slow  # ~10-60 s on 2 cores; keeps the default suite under 10 minutes
 def test_prompt_the_engine_rejects_fails_alone(tmp_path, ckpt, monkeypatch, capsys):
   """A batch the engine rejects is retried prompt by prompt; only the bad one fails."""
   texts = ["hello there, how are you today? hello", "The quick brown fox", "Tom has 1,000 apples and sells them"]

@@ -173,6 +173,7 @@ def test_sft_loss_on_fixture_matches_numpy(dense_tiny, fixture_batch, only_maske
   assert 3.0 < want < 12.0  # a real cross-entropy over 512 tokens, not a degenerate one
 
 
+@pytest.mark.slow  # ~10-60 s on 2 cores; keeps the default suite under 10 minutes
 def test_oput_gradient_equals_gradient_with_substituted_constants(dense_tiny, fixture_batch):
   cfg, params = dense_tiny
   ids, prompt, labels, _, _ = fixture_batch

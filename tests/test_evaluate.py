@@ -69,6 +69,7 @@ def test_score_adds_prediction_and_correctness():
   assert rec["prediction"] == "1000" and rec["correct"] is False
 
 
+@pytest.mark.slow  # ~10-60 s on 2 cores; keeps the default suite under 10 minutes
 def test_evaluate_end_to_end_and_resume(tmp_path, ckpt, data, capsys):
   out = tmp_path / "eval" / "rec.jsonl"
   argv = ["--checkpoint", ckpt, "--data", data, "--output", str(out), "--strategies", "spd,threshold",

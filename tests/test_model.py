@@ -126,6 +126,7 @@ def test_kv_cache_block_equals_block_causal(tiny, golden):
     np.testing.assert_allclose(got, want[:, start:start + K], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # ~10-60 s on 2 cores; keeps the default suite under 10 minutes
 def test_kv_cache_two_blocks_at_once(tiny, golden):
   """A 2K-query forward (previous block recomputed with the current one) matches too."""
   cfg, params = tiny
@@ -141,6 +142,7 @@ def test_kv_cache_two_blocks_at_once(tiny, golden):
   np.testing.assert_allclose(got, want[:, 8:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # ~10-60 s on 2 cores; keeps the default suite under 10 minutes
 def test_scan_equals_loop(tiny, golden):
   cfg, params = tiny
   ids, m = golden["input_ids"], golden["mask_block_causal"]
@@ -157,6 +159,7 @@ def test_grouped_equals_dense_moe(tiny):
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # ~10-60 s on 2 cores; keeps the default suite under 10 minutes
 def test_jit_equals_eager(tiny, golden):
   cfg, params = tiny
   ids = golden["input_ids"]
@@ -166,6 +169,7 @@ def test_jit_equals_eager(tiny, golden):
   np.testing.assert_allclose(eager, jitted, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # ~10-60 s on 2 cores; keeps the default suite under 10 minutes
 def test_remat_gradients_equal(tiny, golden):
   cfg, params = tiny
   ids = golden["input_ids"]

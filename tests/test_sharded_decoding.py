@@ -10,6 +10,7 @@ Pallas MoE kernels, which run expert-parallel under ``shard_map`` when a mesh is
 Runs in a subprocess because the device count is fixed when JAX starts.
 """
 
+import pytest
 import os
 import subprocess
 import sys
@@ -57,6 +58,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # ~10-60 s on 2 cores; keeps the default suite under 10 minutes
 def test_expert_and_tensor_sharded_decoding_matches_one_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")

@@ -202,6 +202,7 @@ print("RESULT" + json.dumps(out))
 """
 
 
+@pytest.mark.slow  # ~10-60 s on 2 cores; keeps the default suite under 10 minutes
 def test_sharded_step_equals_one_device(tmp_path):
   env = _env()
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -291,6 +292,7 @@ def test_killed_run_resumes_to_the_same_result(workspace, tmp_path, compile_cach
                _final_params(crash), _final_params(full))
 
 
+@pytest.mark.slow  # ~10-60 s on 2 cores; keeps the default suite under 10 minutes
 def test_tiny_model_overfits_a_few_examples(workspace, tmp_path):
   from configs import tiny
   from dmax_jax import trainer
