@@ -5,7 +5,7 @@ Example: ``python decode.py --checkpoint ckpt/ --input prompts.jsonl --output ou
 
 import sys
 
-from dmax_jax.cli import decode_main
+from dmax_jax.apps.cli import decode_main
 
 if __name__ == "__main__":
   sys.exit(decode_main())

@@ -166,7 +166,7 @@ def main(argv):
     distributed.initialize(flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id)
   import jax  # pylint: disable=import-outside-toplevel
 
-  from dmax_jax import trainer  # pylint: disable=import-outside-toplevel
+  from dmax_jax.training import trainer  # pylint: disable=import-outside-toplevel
   from dmax_jax.sharding import MeshError  # pylint: disable=import-outside-toplevel
 
   try:

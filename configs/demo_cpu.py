@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.n_train = 6000  # generated training problems (SFT); the distillation prompts are drawn from them
   c.data.n_test = 128  # held-out problems for the evaluation
-  c.data.min_steps = 4  # steps (events) per problem: each carries the previous result (dmax_jax.arith)
+  c.data.min_steps = 4  # steps (events) per problem: each carries the previous result (dmax_jax.apps.arith)
   c.data.max_steps = 5  # (the GPU config: up to 8; 5 keeps every answer within 84 tokens on CPU)
 
   c.tokenizer_vocab = 512  # BPE vocabulary, digits split (eos = vocab - 2, mask = vocab - 1)

@@ -1,11 +1,11 @@
 """dmax_jax: DMax (On-Policy Uniform Training and Soft Parallel Decoding) for LLaDA2-MoE in JAX."""
 
-from dmax_jax.config import ConfigError, ModelConfig, llada2_mini, load_hf_config
-from dmax_jax.checkpoint import load_checkpoint, save_checkpoint
+from dmax_jax.model.config import ConfigError, ModelConfig, llada2_mini, load_hf_config
+from dmax_jax.checkpoints.converted import load_checkpoint, save_checkpoint
 from dmax_jax.decoding import SPD, Generation, Threshold, TraceStep, generate
-from dmax_jax.hf import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
+from dmax_jax.checkpoints.hf import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
 from dmax_jax.tokenizer import load_tokenizer
-from dmax_jax.model import (
+from dmax_jax.model.transformer import (
     KVCache,
     block_causal_mask,
     embed,
@@ -15,7 +15,7 @@ from dmax_jax.model import (
     init_cache,
     logits_from_hidden,
 )
-from dmax_jax.params import abstract_params, count_params, init_params, param_bytes
+from dmax_jax.model.params import abstract_params, count_params, init_params, param_bytes
 
 __all__ = [
     "SPD",

@@ -9,8 +9,9 @@ import sys
 
 import numpy as np
 
-from dmax_jax import config as config_lib, diffusion
-from dmax_jax.benchmarking import active_matmul_params, oput_step_flops
+from dmax_jax.model import config as config_lib
+from dmax_jax.training import diffusion
+from dmax_jax.apps.benchmarking import active_matmul_params, oput_step_flops
 from conftest import REPO
 
 

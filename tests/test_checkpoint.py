@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from dmax_jax import checkpoint as ckpt_lib
-from dmax_jax.config import load_hf_config
-from dmax_jax.hf import SafetensorsReader, load_hf_checkpoint, save_hf_checkpoint
-from dmax_jax.model import forward
+from dmax_jax.checkpoints import converted as ckpt_lib
+from dmax_jax.model.config import load_hf_config
+from dmax_jax.checkpoints.hf import SafetensorsReader, load_hf_checkpoint, save_hf_checkpoint
+from dmax_jax.model.transformer import forward
 from conftest import REPO
 
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -292,7 +292,7 @@ def _disk_full(*args, **kwargs):
 
 def test_disk_full_during_convert_and_export(tiny_dir, converted, tmp_path, capsys, monkeypatch):
   """A write that fails (ENOSPC) gives one line and exit 1, and leaves neither the output nor its staging copy."""
-  from dmax_jax import hf  # pylint: disable=import-outside-toplevel
+  from dmax_jax.checkpoints import hf  # pylint: disable=import-outside-toplevel
 
   calls = []
   real_write = ckpt_lib.ParamsWriter.write
@@ -367,7 +367,7 @@ def test_conversion_memory_does_not_grow_with_layers(tmp_path):
 
 
 def test_load_any_reads_both_formats(tiny_dir, converted, tiny):
-  from dmax_jax.checkpoint import is_converted, load_any
+  from dmax_jax.checkpoints.converted import is_converted, load_any
 
   assert is_converted(converted) and not is_converted(tiny_dir)
   cfg_a, a = load_any(converted)

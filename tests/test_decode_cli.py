@@ -14,9 +14,9 @@ import pytest
 
 from conftest import REPO, generate_as_cli_batches
 from dmax_jax import decoding
-from dmax_jax.cli import decode_main
-from dmax_jax.hf import load_hf_checkpoint
-from dmax_jax.records import RecordWriter, read_records
+from dmax_jax.apps.cli import decode_main
+from dmax_jax.checkpoints.hf import load_hf_checkpoint
+from dmax_jax.apps.records import RecordWriter, read_records
 from dmax_jax.tokenizer import MATH_SUFFIX, load_tokenizer
 from tiny_ckpt import make_checkpoint
 
@@ -272,7 +272,7 @@ def test_resume_keys_on_every_setting(tmp_path, ckpt, capsys):
 
 
 def test_checkpoint_fingerprint_follows_the_files(tmp_path):
-  from dmax_jax import runner  # pylint: disable=import-outside-toplevel
+  from dmax_jax.apps import runner  # pylint: disable=import-outside-toplevel
 
   (tmp_path / "params").mkdir()
   (tmp_path / "params" / "w").write_bytes(b"1234")
@@ -286,7 +286,7 @@ def test_checkpoint_fingerprint_follows_the_files(tmp_path):
 
 
 def test_output_problems_are_caught_before_the_model_loads(tmp_path, ckpt, capsys, monkeypatch):
-  from dmax_jax import runner  # pylint: disable=import-outside-toplevel
+  from dmax_jax.apps import runner  # pylint: disable=import-outside-toplevel
 
   def no_load(*args, **kwargs):
     raise AssertionError("the model was loaded before the output was checked")
@@ -383,7 +383,7 @@ def test_chat_templates_get_what_transformers_gives_them(tmp_path, ckpt, capsys)
 
 @pytest.fixture(scope="module")
 def converted(ckpt, tmp_path_factory):
-  from dmax_jax.checkpoint import convert_hf  # pylint: disable=import-outside-toplevel
+  from dmax_jax.checkpoints.converted import convert_hf  # pylint: disable=import-outside-toplevel
 
   out = str(tmp_path_factory.mktemp("conv") / "ckpt")
   convert_hf(ckpt, out, progress=False)
@@ -414,7 +414,7 @@ def test_converted_checkpoint_loads_quietly_and_broken_ones_give_one_line(tmp_pa
 
 def test_self_distillation_decode_then_train(tmp_path, ckpt):
   """decode.py --records training writes what train.py reads: the conversation plus the generated answer."""
-  from dmax_jax.data import read_conversations  # pylint: disable=import-outside-toplevel
+  from dmax_jax.training.data import read_conversations  # pylint: disable=import-outside-toplevel
 
   questions = ["What is 2 + 3?", "hello there", "Tom has 5 apples", "the lazy dog"]
   lines = [{"question": q} for q in questions[:3]] + [{"messages": [{"role": "user", "content": questions[3]}]}]

@@ -9,7 +9,11 @@ import pytest
 
 from conftest import REPO
 from configs import demo_cpu
-from dmax_jax import arith, cli, demo, evaluate, gsm8k
+from dmax_jax.apps import arith
+from dmax_jax.apps import cli
+from dmax_jax.apps import demo
+from dmax_jax.apps import evaluate
+from dmax_jax.apps import gsm8k
 
 STEP = re.compile(r"<<([0-9+\-*/]+)=(\d+)>>(\d+)")
 

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dmax_jax import diffusion, losses
-from dmax_jax.diffusion import IGNORE
-from dmax_jax.model import forward
+from dmax_jax.training import diffusion
+from dmax_jax.training import losses
+from dmax_jax.training.diffusion import IGNORE
+from dmax_jax.model.transformer import forward
 
 
 def test_bd_attention_mask_small_case():

@@ -5,9 +5,10 @@ import json
 import pytest
 
 from conftest import generate_as_cli_batches
-from dmax_jax import decoding, evaluate
-from dmax_jax.hf import load_hf_checkpoint
-from dmax_jax.records import read_records
+from dmax_jax import decoding
+from dmax_jax.apps import evaluate
+from dmax_jax.checkpoints.hf import load_hf_checkpoint
+from dmax_jax.apps.records import read_records
 from dmax_jax.tokenizer import MATH_SUFFIX, load_tokenizer
 from tiny_ckpt import make_checkpoint
 
@@ -48,7 +49,7 @@ def test_summarize_by_hand():
 
 
 def test_select_keys_on_prompt_and_every_setting():
-  from dmax_jax import runner  # pylint: disable=import-outside-toplevel
+  from dmax_jax.apps import runner  # pylint: disable=import-outside-toplevel
 
   reqs = [runner.Request(1, "", "q1", [5, 6]), runner.Request(2, "", "q2", [7])]
   a = {"strategy": "spd", "threshold": 0.5, "gen_length": 16}

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from conftest import GSM8K
-from dmax_jax import gsm8k
+from dmax_jax.apps import gsm8k
 
 
 @pytest.mark.parametrize("split", ["train", "test"])

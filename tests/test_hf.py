@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import dmax_jax
-from dmax_jax.hf import CheckpointError
+from dmax_jax.checkpoints.hf import CheckpointError
 
 
 def _copy(tiny_dir, tmp_path, name="ckpt"):

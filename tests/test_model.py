@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import dmax_jax
-from dmax_jax import model as model_lib
+from dmax_jax.model import transformer as model_lib
 from conftest import with_numerics
 
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -59,7 +59,8 @@ def _route_numpy(router, bias, x, n_group, topk_group, top_k, scale):
 @pytest.mark.parametrize("ties", [False, True])
 def test_route_equals_numpy_restatement(ties):
   """Group scores, group choice and top-k against sorts in NumPy; with ``ties``, many equal scores."""
-  from dmax_jax import config as config_lib, moe
+  from dmax_jax.model import config as config_lib
+  from dmax_jax.model import moe
   cfg = config_lib.llada2_mini()
   rng = np.random.default_rng(3)
   T, D, E = 64, 32, cfg.num_experts
@@ -225,7 +226,7 @@ def test_model_helpers_match_hand_computation():
 @pytest.mark.gpu
 def test_cudnn_attention_gradients_close_to_xla_gpu():
   """cuDNN flash attention under the [x_t ; x_0] mask at training length: output and gradients vs plain XLA, bf16."""
-  from dmax_jax import diffusion  # pylint: disable=import-outside-toplevel
+  from dmax_jax.training import diffusion  # pylint: disable=import-outside-toplevel
 
   B, L, H, G, R = 1, 2048, 16, 4, 128
   k = jax.random.split(jax.random.key(0), 4)

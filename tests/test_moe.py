@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dmax_jax import losses, moe
+from dmax_jax.training import losses
+from dmax_jax.model import moe
 from conftest import REPO, TINY, with_numerics
 
 
@@ -67,7 +68,8 @@ def test_grouped_gradients_equal_dense_on_the_fixture(tiny):
 _SPLIT = textwrap.dedent("""
   import jax, jax.numpy as jnp, numpy as np
   jax.config.update("jax_default_matmul_precision", "highest")
-  from dmax_jax import moe, sharding
+  from dmax_jax import sharding
+  from dmax_jax.model import moe
   from test_moe import _layer
   x, idx, w, weights = _layer(jax.random.key(0), 16, 8, 8, 6, 3)
 

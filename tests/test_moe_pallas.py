@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import dmax_jax
-from dmax_jax import moe
-from dmax_jax.kernels import moe_pallas
+from dmax_jax.model import moe
+from dmax_jax.model.kernels import moe_pallas
 from conftest import with_numerics
 
 

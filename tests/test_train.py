@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from dmax_jax import data as data_lib
-from dmax_jax.diffusion import IGNORE
+from dmax_jax.training import data as data_lib
+from dmax_jax.training.diffusion import IGNORE
 from dmax_jax.tokenizer import train_tokenizer
 from conftest import REPO, TINY
 
@@ -69,7 +69,7 @@ def test_oput_mini_is_the_dmax_recipe():
 
 
 def test_schedule_warmup_then_cosine_to_zero():
-  from dmax_jax.optim import schedule
+  from dmax_jax.training.optim import schedule
 
   s = schedule(1.0, 100, 0.03)
   np.testing.assert_allclose([float(s(0)), float(s(1)), float(s(3))], [0.0, 1 / 3, 1.0], atol=1e-6)
@@ -161,8 +161,10 @@ import json, sys
 import jax, numpy as np
 jax.config.update("jax_default_matmul_precision", "highest")
 from configs import tiny
-from dmax_jax import diffusion, sharding, trainer
-from dmax_jax.optim import make_optimizer
+from dmax_jax import sharding
+from dmax_jax.training import diffusion
+from dmax_jax.training import trainer
+from dmax_jax.training.optim import make_optimizer
 c = tiny.get_config()
 c.init_from = sys.argv[1]
 c.moe_backend = "grouped"  # under a mesh: shard_map, each device running its own experts' rows
@@ -246,13 +248,14 @@ def _metrics(workdir):
 
 def _final_params(workdir, on_one_device=False):
   """The step-6 parameters; ``on_one_device`` restores a run saved from several devices onto this one."""
-  from dmax_jax.train_checkpoint import TrainCheckpointer
+  from dmax_jax.training.checkpoint import TrainCheckpointer
 
   abstract = None
   if on_one_device:
     from configs import tiny  # pylint: disable=import-outside-toplevel
-    from dmax_jax import sharding, trainer  # pylint: disable=import-outside-toplevel
-    from dmax_jax.optim import make_optimizer  # pylint: disable=import-outside-toplevel
+    from dmax_jax import sharding
+    from dmax_jax.training import trainer  # pylint: disable=import-outside-toplevel
+    from dmax_jax.training.optim import make_optimizer  # pylint: disable=import-outside-toplevel
 
     config = tiny.get_config()
     config.init_from = str(TINY)
@@ -295,7 +298,7 @@ def test_killed_run_resumes_to_the_same_result(workspace, tmp_path, compile_cach
 @pytest.mark.slow  # ~10-60 s on 2 cores; keeps the default suite under 10 minutes
 def test_tiny_model_overfits_a_few_examples(workspace, tmp_path):
   from configs import tiny
-  from dmax_jax import trainer
+  from dmax_jax.training import trainer
 
   c = tiny.get_config()  # a from-scratch tiny model
   c.data.path = str(workspace / "data.jsonl")
@@ -383,7 +386,7 @@ def test_setup_errors_are_one_line_and_write_nothing(workspace, tmp_path):
 ])
 def test_check_config_names_the_key(key, value, message):
   from configs import tiny
-  from dmax_jax import trainer
+  from dmax_jax.training import trainer
 
   c = tiny.get_config()
   trainer.check_config(c)  # the shipped config passes
@@ -405,7 +408,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_finite_checkpoint(workspace, tm
   assert line.startswith(f"error: {work}: step 2: the loss is nan") and "latest checkpoint: step 1" in line, line
   rows, _ = _metrics(work)  # strict JSON: the non-finite loss is null
   assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] > 0 and rows[1]["loss"] is None
-  from dmax_jax.train_checkpoint import TrainCheckpointer
+  from dmax_jax.training.checkpoint import TrainCheckpointer
 
   ck = TrainCheckpointer(os.path.join(work, "checkpoints"), async_save=False)
   assert ck.all_steps() == [1]
@@ -445,7 +448,7 @@ def test_failed_checkpoint_write_is_one_line_and_leaves_no_temporary_directory(w
 
 
 def test_write_failure_reason_names_the_os_error():
-  from dmax_jax import trainer
+  from dmax_jax.training import trainer
 
   tensorstore_style = ValueError('OUT_OF_RANGE: Error writing "x" in OCDBT database: Failed to write 1274 bytes to '
                                  "file 18: No space left on device [os_error_code='28']")
@@ -454,7 +457,7 @@ def test_write_failure_reason_names_the_os_error():
 
 
 def test_metrics_file_truncation_and_json_safety(tmp_path):
-  from dmax_jax import train_log
+  from dmax_jax.training import metrics as train_log
 
   path = tmp_path / "metrics.jsonl"
   path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
@@ -466,8 +469,8 @@ def test_metrics_file_truncation_and_json_safety(tmp_path):
 
 def test_nonfinite_parameters_are_never_saved(tmp_path, tiny):
   import jax  # pylint: disable=import-outside-toplevel
-  from dmax_jax import trainer
-  from dmax_jax.train_checkpoint import TrainCheckpointer
+  from dmax_jax.training import trainer
+  from dmax_jax.training.checkpoint import TrainCheckpointer
 
   _, params = tiny
   state = {"params": params, "opt_state": {}, "rng": jax.random.PRNGKey(0)}
@@ -484,8 +487,8 @@ def test_nonfinite_parameters_are_never_saved(tmp_path, tiny):
 
 def test_final_is_replaced_whole(tmp_path, tiny, workspace):
   import jax  # pylint: disable=import-outside-toplevel
-  from dmax_jax import trainer
-  from dmax_jax.checkpoint import load_checkpoint
+  from dmax_jax.training import trainer
+  from dmax_jax.checkpoints.converted import load_checkpoint
 
   cfg, params = tiny
   trainer.write_final(params, cfg, str(tmp_path), str(workspace / "tok"))
@@ -534,8 +537,8 @@ def test_train_result_is_usable_and_logged_to_tensorboard(workspace, tmp_path, c
   for key in ("loss", "grad_norm", "lr", "tokens_per_s", "step_time", "epoch"):
     assert scalars[f"train/{key}"] == pytest.approx({r["step"]: r[key] for r in rows}, rel=1e-6), key
   # final holds the last step's parameters of the training checkpoint.
-  from dmax_jax.checkpoint import load_checkpoint
-  from dmax_jax.train_checkpoint import TrainCheckpointer
+  from dmax_jax.checkpoints.converted import load_checkpoint
+  from dmax_jax.training.checkpoint import TrainCheckpointer
   import jax  # pylint: disable=import-outside-toplevel
 
   _, final = load_checkpoint(str(work / "final"))

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from dmax_jax.train_checkpoint import TrainCheckpointer
+from dmax_jax.training.checkpoint import TrainCheckpointer
 from conftest import REPO
 
 
@@ -100,7 +100,7 @@ _CRASH = textwrap.dedent("""
   import os, sys, jax, jax.numpy as jnp
   sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
   from test_train_checkpoint import _state
-  from dmax_jax.train_checkpoint import TrainCheckpointer
+  from dmax_jax.training.checkpoint import TrainCheckpointer
   ckpt = TrainCheckpointer({d!r})
   ckpt.save(1, _state(1)); ckpt.wait()
   big = _state(2)

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   os.makedirs(args.workdir, exist_ok=True)
   model_args = ["--hidden", args.hidden, "--experts", args.experts, "--expert-width", args.expert_width]
-  baseline, _ = measure([sys.executable, "-c", "import jax, tensorstore, orbax.checkpoint, dmax_jax.checkpoint"])
+  baseline, _ = measure([sys.executable, "-c", "import jax, tensorstore, orbax.checkpoint, dmax_jax.checkpoints.converted"])
   print(f"baseline (imports only): {baseline:.2f} GiB peak RSS")
   print("| layers | HF size (GiB) | convert peak RSS (GiB) | convert time (s) | Orbax size (GiB) | export peak RSS (GiB) | export time (s) |")
   print("|---|---|---|---|---|---|---|")

@@ -38,9 +38,12 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from dmax_jax import config as config_lib  # pylint: disable=wrong-import-position
-from dmax_jax import decoding, model, moe, params as params_lib, sharding  # pylint: disable=wrong-import-position
-from dmax_jax.benchmarking import copy_bandwidths, device_kernel_times, time_calls, uniform_routing  # pylint: disable=wrong-import-position
+from dmax_jax.model import config as config_lib  # pylint: disable=wrong-import-position
+from dmax_jax import decoding, sharding
+from dmax_jax.model import transformer as model
+from dmax_jax.model import moe
+from dmax_jax.model import params as params_lib  # pylint: disable=wrong-import-position
+from dmax_jax.apps.benchmarking import copy_bandwidths, device_kernel_times, time_calls, uniform_routing  # pylint: disable=wrong-import-position
 
 _raw_route = moe.route
 

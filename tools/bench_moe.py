@@ -17,7 +17,7 @@ counting read + write bytes). "err" is the relative L2 distance to the dense bac
 ``--sweep`` times the two Pallas kernels (gate/up and down) separately over a grid of ``Tiles``
 settings on the same routed rows, against each kernel's own touched-weight bytes, and prints the
 fastest settings of each; set them as ``GATE_UP_TILES`` / ``DOWN_TILES`` in
-``dmax_jax/kernels/moe_pallas.py``.
+``dmax_jax/model/kernels/moe_pallas.py``.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from dmax_jax import config as config_lib  # pylint: disable=wrong-import-position
-from dmax_jax import moe  # pylint: disable=wrong-import-position
-from dmax_jax.benchmarking import copy_bandwidth, time_fn, uniform_routing  # pylint: disable=wrong-import-position
-from dmax_jax.kernels import moe_pallas  # pylint: disable=wrong-import-position
+from dmax_jax.model import config as config_lib  # pylint: disable=wrong-import-position
+from dmax_jax.model import moe  # pylint: disable=wrong-import-position
+from dmax_jax.apps.benchmarking import copy_bandwidth, time_fn, uniform_routing  # pylint: disable=wrong-import-position
+from dmax_jax.model.kernels import moe_pallas  # pylint: disable=wrong-import-position
 
 BACKENDS = ("dense", "grouped", "pallas")
 SWEEP_N = (64, 128, 256)  # output tile widths tried by --sweep (each setting compiles for a few seconds)

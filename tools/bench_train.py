@@ -37,9 +37,14 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from configs import oput_mini  # pylint: disable=wrong-import-position
-from dmax_jax import config as config_lib, diffusion, model, params as params_lib, sharding, trainer  # pylint: disable=wrong-import-position
-from dmax_jax.benchmarking import device_kernel_times, matmul_rate, oput_step_flops, time_calls  # pylint: disable=wrong-import-position
-from dmax_jax.optim import make_optimizer  # pylint: disable=wrong-import-position
+from dmax_jax import sharding
+from dmax_jax.model import config as config_lib
+from dmax_jax.training import diffusion
+from dmax_jax.model import transformer as model
+from dmax_jax.model import params as params_lib
+from dmax_jax.training import trainer  # pylint: disable=wrong-import-position
+from dmax_jax.apps.benchmarking import device_kernel_times, matmul_rate, oput_step_flops, time_calls  # pylint: disable=wrong-import-position
+from dmax_jax.training.optim import make_optimizer  # pylint: disable=wrong-import-position
 
 TINY = dict(vocab_size=4096, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
             intermediate_size=256, moe_intermediate_size=64, num_experts=16, num_experts_per_tok=4, n_group=4,

@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from dmax_jax.checkpoint import convert_hf, run_cli
+from dmax_jax.checkpoints.converted import convert_hf, run_cli
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from dmax_jax.evaluate import main  # pylint: disable=wrong-import-position
+from dmax_jax.apps.evaluate import main  # pylint: disable=wrong-import-position
 
 if __name__ == "__main__":
   sys.exit(main())

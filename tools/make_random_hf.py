@@ -14,9 +14,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import numpy as np  # noqa: E402
 
-from dmax_jax.config import ModelConfig  # noqa: E402
-from dmax_jax.hf import save_hf_checkpoint  # noqa: E402
-from dmax_jax.params import param_shapes  # noqa: E402
+from dmax_jax.model.config import ModelConfig  # noqa: E402
+from dmax_jax.checkpoints.hf import save_hf_checkpoint  # noqa: E402
+from dmax_jax.model.params import param_shapes  # noqa: E402
 
 
 def mid_config(layers: int, hidden: int = 1024, experts: int = 64, expert_width: int = 512, vocab: int = 32768) -> ModelConfig:

@@ -47,8 +47,12 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from dmax_jax import config as config_lib, moe, params as params_lib, sharding, trainer  # pylint: disable=import-outside-toplevel
-  from dmax_jax.optim import make_optimizer  # pylint: disable=import-outside-toplevel
+  from dmax_jax import sharding
+  from dmax_jax.model import config as config_lib
+  from dmax_jax.model import moe
+  from dmax_jax.model import params as params_lib
+  from dmax_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  from dmax_jax.training.optim import make_optimizer  # pylint: disable=import-outside-toplevel
 
   config = flags.FLAGS.config
   try:

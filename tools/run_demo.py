@@ -25,7 +25,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  from dmax_jax import demo, runner, trainer  # pylint: disable=import-outside-toplevel
+  from dmax_jax.apps import demo
+  from dmax_jax.apps import runner
+  from dmax_jax.training import trainer  # pylint: disable=import-outside-toplevel
   from dmax_jax.sharding import MeshError  # pylint: disable=import-outside-toplevel
 
   try:

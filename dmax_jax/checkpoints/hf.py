@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmax_jax.config import ConfigError, ModelConfig, load_hf_config
-from dmax_jax.params import is_shape, layer_shapes, param_shapes
+from dmax_jax.model.config import ConfigError, ModelConfig, load_hf_config
+from dmax_jax.model.params import is_shape, layer_shapes, param_shapes
 
 SUPPORTED_DTYPES = ("F32", "F16", "BF16", "F64")
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "F64": np.float64}

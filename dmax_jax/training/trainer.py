@@ -40,16 +40,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dmax_jax import data as data_lib
-from dmax_jax import losses, sharding
-from dmax_jax.checkpoint import load_any, save_checkpoint
-from dmax_jax.config import MOE_BACKENDS, ModelConfig, load_hf_config
-from dmax_jax.hf import CheckpointError
-from dmax_jax.optim import make_optimizer
-from dmax_jax.params import init_params
+from dmax_jax.training import data as data_lib
+from dmax_jax import sharding
+from dmax_jax.training import losses
+from dmax_jax.checkpoints.converted import load_any, save_checkpoint
+from dmax_jax.model.config import MOE_BACKENDS, ModelConfig, load_hf_config
+from dmax_jax.checkpoints.hf import CheckpointError
+from dmax_jax.training.optim import make_optimizer
+from dmax_jax.model.params import init_params
 from dmax_jax.tokenizer import load_tokenizer
-from dmax_jax.train_checkpoint import TrainCheckpointer
-from dmax_jax.train_log import METRICS_FILE, MetricsLog
+from dmax_jax.training.checkpoint import TrainCheckpointer
+from dmax_jax.training.metrics import METRICS_FILE, MetricsLog
 
 FINAL_DIR = "final"  # WORKDIR/final: the trained params checkpoint plus tokenizer
 

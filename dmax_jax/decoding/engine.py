@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmax_jax import model as model_lib
-from dmax_jax.config import ModelConfig, accum_dtype
+from dmax_jax.model import transformer as model_lib
+from dmax_jax.model.config import ModelConfig, accum_dtype
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Stages (each writes under ``workdir`` and is skipped when its output exists;
 training and decoding also resume inside a stage after a kill):
 
-  data/train.jsonl, data/test.jsonl   generated problems (``dmax_jax.arith``), held-out test split
+  data/train.jsonl, data/test.jsonl   generated problems (``dmax_jax.apps.arith``), held-out test split
   tokenizer/                          byte-level BPE trained on the training text, LLaDA2 chat template
   sft/ -> base/                       (1) block-diffusion SFT from scratch; base/ = params checkpoint + tokenizer
   distill/oput.jsonl                  (2) the base model's own answers to training prompts (threshold decoding)
@@ -38,8 +38,11 @@ import time
 from typing import Optional, Sequence
 
 
-from dmax_jax import arith, evaluate, gsm8k, runner
-from dmax_jax.records import RecordWriter, read_records
+from dmax_jax.apps import arith
+from dmax_jax.apps import evaluate
+from dmax_jax.apps import gsm8k
+from dmax_jax.apps import runner
+from dmax_jax.apps.records import RecordWriter, read_records
 from dmax_jax.tokenizer import LLADA2_CHAT_TEMPLATE, MATH_SUFFIX, compile_chat_template, train_tokenizer
 
 MODELS = ("base", "oput", "ablation")
@@ -131,8 +134,8 @@ def train_config(config, *, data_path: str, tokenizer_dir: str, init_from: str, 
 
 def train_stage(name: str, tcfg, workdir: str, out: str, tokenizer_dir: str, progress: bool) -> str:
   """Runs (or resumes) training in ``workdir/name`` and exports the final params to ``workdir/out``."""
-  from dmax_jax import trainer  # pylint: disable=import-outside-toplevel
-  from dmax_jax.checkpoint import save_checkpoint  # pylint: disable=import-outside-toplevel
+  from dmax_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  from dmax_jax.checkpoints.converted import save_checkpoint  # pylint: disable=import-outside-toplevel
 
   out_dir = os.path.join(workdir, out)
   if _done(os.path.join(out_dir, "config.json"), name):

@@ -15,7 +15,7 @@ import html
 from typing import Sequence
 
 from dmax_jax.decoding import STATUS
-from dmax_jax.records import write_atomic
+from dmax_jax.apps.records import write_atomic
 
 _LABELS = {"prompt": "prompt", "mask": "masked", "new": "newly decoded", "revised": "revised",
            "same": "decoded earlier, unchanged"}

@@ -34,12 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmax_jax.config import ConfigError, ModelConfig, load_hf_config
-from dmax_jax.hf import (
+from dmax_jax.model.config import ConfigError, ModelConfig, load_hf_config
+from dmax_jax.checkpoints.hf import (
     CheckpointError, SafetensorsReader, from_hf_layout, iter_checked, load_hf_checkpoint, save_hf_checkpoint,
     weight_table,
 )
-from dmax_jax.params import is_shape, param_shapes
+from dmax_jax.model.params import is_shape, param_shapes
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 SIDE_FILES = TOKENIZER_FILES + ("generation_config.json",)  # copied through conversion and export unchanged

@@ -15,9 +15,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dmax_jax import diffusion
-from dmax_jax.config import ModelConfig
-from dmax_jax.model import forward_hidden, logits_from_hidden
+from dmax_jax.training import diffusion
+from dmax_jax.model.config import ModelConfig
+from dmax_jax.model.transformer import forward_hidden, logits_from_hidden
 
 
 @dataclasses.dataclass(frozen=True)

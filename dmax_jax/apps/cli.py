@@ -14,8 +14,9 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
-from dmax_jax import runner, trace_html
-from dmax_jax.records import RecordsError, RecordWriter, check_writable
+from dmax_jax.apps import runner
+from dmax_jax.apps import trace_html
+from dmax_jax.apps.records import RecordsError, RecordWriter, check_writable
 from dmax_jax.tokenizer import TokenizerError
 
 

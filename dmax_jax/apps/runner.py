@@ -42,10 +42,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmax_jax import checkpoint, decoding
-from dmax_jax.config import ConfigError
-from dmax_jax.hf import CheckpointError
-from dmax_jax.records import RecordWriter
+from dmax_jax import decoding
+from dmax_jax.checkpoints import converted as checkpoint
+from dmax_jax.model.config import ConfigError
+from dmax_jax.checkpoints.hf import CheckpointError
+from dmax_jax.apps.records import RecordWriter
 from dmax_jax.tokenizer import MATH_SUFFIX, ChatTemplateError, TokenizerError, load_tokenizer
 
 PROMPT_FIELDS = ("question", "messages", "prompt")
@@ -221,7 +222,7 @@ def load_model(path: str, dtype: str = "float32"):
   """(config, params, tokenizer) of a checkpoint directory.
 
   A converted (Orbax) checkpoint or a Hugging Face directory
-  (``dmax_jax.checkpoint.load_any``). Params are cast to ``dtype``, which is
+  (``dmax_jax.checkpoints.converted.load_any``). Params are cast to ``dtype``, which is
   also the compute dtype.
   """
   if dtype not in DTYPES:

@@ -28,8 +28,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from dmax_jax import cli, gsm8k, runner
-from dmax_jax.records import RecordWriter, check_writable, read_records, record_key, write_atomic
+from dmax_jax.apps import cli
+from dmax_jax.apps import gsm8k
+from dmax_jax.apps import runner
+from dmax_jax.apps.records import RecordWriter, check_writable, read_records, record_key, write_atomic
 
 FIELDS = ("id", "question", "answer")  # what a GSM8K line gives
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmax_jax.config import ModelConfig
+from dmax_jax.model.config import ModelConfig
 
 
 def _attention_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

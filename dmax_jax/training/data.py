@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from dmax_jax.diffusion import EOS_LABEL_CAP, make_labels
+from dmax_jax.training.diffusion import EOS_LABEL_CAP, make_labels
 
 
 class DataError(ValueError):

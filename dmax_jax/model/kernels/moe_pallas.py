@@ -1,6 +1,6 @@
 """Routed experts as two Pallas grouped matmuls that skip untouched experts.
 
-Shape letters as in ``dmax_jax/moe.py`` (T tokens, D model width, E experts,
+Shape letters as in ``dmax_jax/model/moe.py`` (T tokens, D model width, E experts,
 F expert width, X experts per token), plus R = T*X sorted (token, expert)
 rows, P padded rows, B row blocks (P = B * block_rows).
 
@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from dmax_jax.config import accum_dtype
+from dmax_jax.model.config import accum_dtype
 
 
 @dataclasses.dataclass(frozen=True)

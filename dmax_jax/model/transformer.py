@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmax_jax import moe
-from dmax_jax.config import ModelConfig, accum_dtype
+from dmax_jax.model import moe
+from dmax_jax.model.config import ModelConfig, accum_dtype
 
 _NEG = jnp.finfo(jnp.float32).min
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from dmax_jax.config import ModelConfig, accum_dtype
+from dmax_jax.model.config import ModelConfig, accum_dtype
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
@@ -286,7 +286,7 @@ def _routed(p, x_TD, idx_TX, w_TX, cfg: ModelConfig, whole, layer):
     return experts_grouped(x_TD, idx_TX, w_TX, *(p[k] for k in EXPERT_WEIGHTS))
   if cfg.moe_backend != "pallas":
     raise ValueError(f"unknown moe_backend {cfg.moe_backend!r}")
-  from dmax_jax.kernels import moe_pallas  # pylint: disable=import-outside-toplevel
+  from dmax_jax.model.kernels import moe_pallas  # pylint: disable=import-outside-toplevel
 
   if whole is None:  # one layer's [E, ...] experts
     whole, layer = ("stacked", tuple(p[k][None] for k in EXPERT_WEIGHTS)), 0
