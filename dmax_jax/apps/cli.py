@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
+from dmax_jax import decoding
 from dmax_jax.apps import runner
 from dmax_jax.apps import trace_html
 from dmax_jax.apps.records import RecordsError, RecordWriter, check_writable
@@ -79,7 +80,7 @@ def decode_parser() -> argparse.ArgumentParser:
   src.add_argument("--input", help="JSONL file of prompts")
   src.add_argument("--prompt", help="a single question (chat template applied)")
   p.add_argument("--output", help="JSONL of results (resumed if it exists); default: stdout")
-  p.add_argument("--strategy", default="spd", choices=("spd", "threshold"))
+  p.add_argument("--strategy", default="spd", choices=tuple(decoding.STRATEGIES))
   p.add_argument("--threshold", type=float, default=None, help="decoding threshold (default: 0.5 spd, 0.95 threshold)")
   p.add_argument("--math", action="store_true", help="append the math suffix to questions")
   p.add_argument("--trace", metavar="FILE.html", help="write a step-by-step HTML trace of the decoded prompts")

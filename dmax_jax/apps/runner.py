@@ -239,21 +239,18 @@ def load_model(path: str, dtype: str = "float32"):
 
 def make_strategy(name: str, threshold: Optional[float] = None, confidence_stop: float = 0.9,
                   temperature: float = 0.0):
-  """The decoding strategy object for ``name`` ("spd" | "threshold"); None threshold = its default."""
+  """The registered decoding strategy ``name`` (``decoding.STRATEGIES``); None threshold = its default."""
   if threshold is not None and not 0.0 <= threshold <= 1.0:
     raise UsageError(f"threshold must lie in [0, 1], got {threshold}")
-  if name == "spd":
-    kw = {} if threshold is None else {"threshold": threshold}
-    return decoding.SPD(confidence_stop=confidence_stop, temperature=temperature, **kw)
-  if name == "threshold":
-    kw = {} if threshold is None else {"threshold": threshold}
-    return decoding.Threshold(temperature=temperature, **kw)
-  raise UsageError(f"unknown strategy {name!r} (spd or threshold)")
+  try:
+    return decoding.make(name, threshold=threshold, confidence_stop=confidence_stop, temperature=temperature)
+  except KeyError:
+    raise UsageError(f"unknown strategy {name!r} ({' or '.join(decoding.STRATEGIES)})") from None
 
 
 def strategy_fields(strategy) -> dict:
   """The record fields that name a strategy: {"strategy": "spd", "threshold": 0.5, ...}."""
-  return {"strategy": "spd" if isinstance(strategy, decoding.SPD) else "threshold", **dataclasses.asdict(strategy)}
+  return {"strategy": decoding.name_of(strategy), **dataclasses.asdict(strategy)}
 
 
 # ---------------------------------------------------------------- identity
