@@ -166,11 +166,12 @@ def main(argv):
     distributed.initialize(flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id)
   import jax  # pylint: disable=import-outside-toplevel
 
+  from dmax_jax.apps.progress import bar_if  # pylint: disable=import-outside-toplevel
   from dmax_jax.training import trainer  # pylint: disable=import-outside-toplevel
   from dmax_jax.sharding import MeshError  # pylint: disable=import-outside-toplevel
 
   try:
-    trainer.train(flags.FLAGS.config, flags.FLAGS.workdir, progress=flags.FLAGS.progress,
+    trainer.train(flags.FLAGS.config, flags.FLAGS.workdir, progress=bar_if(flags.FLAGS.progress),
                   on_resume=lambda step: print(f"resuming from step {step}", flush=True))
   except (trainer.TrainError, MeshError) as e:
     _fail(str(e), 2)

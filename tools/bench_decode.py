@@ -9,7 +9,7 @@ Reports median / min / max over rounds of:
   prefill   one 512-token forward that fills the KV cache (batch 1);
   forward   one decoding forward: a 32-token block over a 512-token cache, at each batch size,
             timed as a device loop of back-to-back forwards carrying the cache (as the decoder runs);
-  spd loop  the whole compiled SPD program (``decoding._generate_jit``) on a 32-token prompt and fifteen
+  spd loop  the whole compiled SPD program (``decoding.compile_program``) on a 32-token prompt and fifteen
             32-token blocks (uniform routing); forwards/s, and its overhead over the same number
             of bare forwards (each block's first forward covers 64 queries, the others 32).
 For each forward it also reports the distinct routed experts touched per MoE layer, the bytes the
@@ -41,23 +41,12 @@ import numpy as np  # pylint: disable=wrong-import-position
 from dmax_jax.model import config as config_lib  # pylint: disable=wrong-import-position
 from dmax_jax import decoding, sharding
 from dmax_jax.model import transformer as model
-from dmax_jax.model import moe
 from dmax_jax.model import params as params_lib  # pylint: disable=wrong-import-position
-from dmax_jax.apps.benchmarking import copy_bandwidths, device_kernel_times, time_calls, uniform_routing  # pylint: disable=wrong-import-position
+from dmax_jax.apps.benchmarking import copy_bandwidths, device_kernel_times, time_calls  # pylint: disable=wrong-import-position
 
-_raw_route = moe.route
-
-
-def _uniform_route(router_w_DE, expert_bias_E, x_TD, cfg):
-  """Uniform random top-k per token; a different draw per layer (keyed by that layer's router weights)."""
-  del expert_bias_E
-  seed = jax.lax.bitcast_convert_type(router_w_DE[0, 0].astype(jnp.float32), jnp.uint32)
-  idx, w = uniform_routing(jax.random.key(seed), x_TD.shape[0], cfg.num_experts, cfg.num_experts_per_tok)
-  return idx, w * cfg.routed_scaling_factor
-
-
-def set_routing(mode):
-  moe.route = _uniform_route if mode == "uniform" else _raw_route
+def with_routing(cfg, mode):
+  """``cfg`` routing as the ``--routing`` mode says: "raw" = the router, "uniform" = uniform random top-k."""
+  return dataclasses.replace(cfg, routing="uniform" if mode == "uniform" else "learned")
 
 
 def make_params(cfg, key):
@@ -174,13 +163,10 @@ def bench_spd_loop(cfg, params, prompt_len, gen, rounds, prefill_s):
   """
   prompt = np.random.default_rng(0).integers(0, cfg.vocab_size - 1000, prompt_len).tolist()
   strategy = decoding.SPD(threshold=0.0, confidence_stop=2.0)  # decode a block at once, then revise every step
-  layout, plan = decoding.plan_batch([prompt], gen, BLOCK, cfg)
-  rule, hp = decoding._split_strategy(strategy)  # pylint: disable=protected-access
-  args = (params, cfg, rule, hp, layout, jnp.asarray(plan["canvas"]), jnp.asarray(plan["shift"]),
-          jnp.asarray(plan["n_dec"]), jax.random.key(0), False)
-  generate = decoding._generate_jit  # pylint: disable=protected-access
-  forwards = int(np.asarray(generate(*args)[1]).max())
-  times = time_calls(generate, args, warmup=0, iters=1, rounds=rounds)
+  program = decoding.compile_program(params, cfg, [prompt], strategy=strategy, gen_length=gen, block_length=BLOCK)
+  forwards = int(np.asarray(program()[1]).max())
+  times = time_calls(program.executable, program.args, warmup=0, iters=1, rounds=rounds)
+  layout = program.layout
   return [(t - prefill_s) / forwards for t in times], forwards, layout
 
 
@@ -239,11 +225,9 @@ def main(argv=None):
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
     if args.profile:
       for routing in args.routing.split(","):
-        set_routing(routing)
         for batch in map(int, args.batches.split(",")):
-          profile_forward(dataclasses.replace(cfg, moe_backend=args.backends.split(",")[0]), params, batch, S, K,
-                          routing, args.profile)
-      set_routing("raw")
+          profile_forward(with_routing(dataclasses.replace(cfg, moe_backend=args.backends.split(",")[0]), routing),
+                          params, batch, S, K, routing, args.profile)
     rows = results["rows"]
     for backend in args.backends.split(","):
       c = dataclasses.replace(cfg, moe_backend=backend)
@@ -251,12 +235,10 @@ def main(argv=None):
 
       def forwards(routing, batch, Lq, c=c, measured=measured):
         if (routing, batch, Lq) not in measured:
-          set_routing(routing)
-          measured[routing, batch, Lq] = bench_forwards(c, params, batch, S, Lq, S - Lq, loop=args.loop,
+          measured[routing, batch, Lq] = bench_forwards(with_routing(c, routing), params, batch, S, Lq, S - Lq, loop=args.loop,
                                                         rounds=args.rounds)
         return measured[routing, batch, Lq]
 
-      set_routing("raw")
       if not args.only_spd:
         pre = bench_prefill(c, params, S, args.rounds)
         rows.append(dict(what="prefill 512", backend=backend, routing="raw", batch=1, **stats(pre)))
@@ -274,15 +256,14 @@ def main(argv=None):
         prompt_len, gen = K, S - K  # a one-block prompt and 15 decoded blocks: the prefill is negligible
         t32, _ = forwards("uniform", 1, K)
         t64, _ = forwards("uniform", 1, 2 * K)
-        set_routing("uniform")
-        prefill_s = statistics.median(bench_prefill(c, params, S, args.rounds, L=K))
-        times, n_fwd, layout = bench_spd_loop(c, params, prompt_len, gen, args.rounds, prefill_s)
-        blocks = layout.D
+        uniform = with_routing(c, "uniform")
+        prefill_s = statistics.median(bench_prefill(uniform, params, S, args.rounds, L=K))
+        times, n_fwd, layout = bench_spd_loop(uniform, params, prompt_len, gen, args.rounds, prefill_s)
+        blocks = layout.num_blocks
         bare = (blocks * statistics.median(t64) + (n_fwd - blocks) * statistics.median(t32)) / n_fwd
         st = stats(times)
         rows.append(dict(what="spd loop", backend=backend, routing="uniform", batch=1, **st, forwards=n_fwd,
                          forwards_per_s=1 / st["median"], bare_forward=bare, overhead=st["median"] / bare - 1))
-    set_routing("raw")
 
   print()
   print(f"{'what':16s} {'backend':8s} {'routing':8s} {'B':>2s} {'median ms':>10s} {'min':>8s} {'max':>8s} "

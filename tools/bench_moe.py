@@ -36,7 +36,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from dmax_jax.model import config as config_lib  # pylint: disable=wrong-import-position
 from dmax_jax.model import moe  # pylint: disable=wrong-import-position
-from dmax_jax.apps.benchmarking import copy_bandwidth, time_fn, uniform_routing  # pylint: disable=wrong-import-position
+from dmax_jax.apps.benchmarking import copy_bandwidth, time_fn  # pylint: disable=wrong-import-position
 from dmax_jax.model.kernels import moe_pallas  # pylint: disable=wrong-import-position
 
 BACKENDS = ("dense", "grouped", "pallas")
@@ -163,7 +163,7 @@ def main(argv=None):
   for T in tokens:
     kx, kr = jax.random.split(jax.random.key(T))
     x = jax.random.normal(kx, (T, D), jnp.float32).astype(dtype)
-    idx, w = uniform_routing(kr, T, E, X)
+    idx, w = moe.uniform_routing(kr, T, E, X)
     touched = len(np.unique(np.asarray(idx)))
     ideal = touched * per_expert / bw
     weights = (p["w_gate"], p["w_up"], p["w_down"])

@@ -9,7 +9,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from dmax_jax.checkpoints.converted import convert_hf, run_cli
+from dmax_jax.apps.cli import run_writer  # pylint: disable=wrong-import-position
+from dmax_jax.apps.progress import bar  # pylint: disable=wrong-import-position
+from dmax_jax.checkpoints.converted import convert_hf  # pylint: disable=wrong-import-position
 
 
 def main(argv=None) -> int:
@@ -18,7 +20,7 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True, help="new output directory (must not hold files)")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="stored parameter dtype")
   args = parser.parse_args(argv)
-  return run_cli(lambda: convert_hf(args.hf, args.out, dtype=args.dtype), args.out)
+  return run_writer(lambda: convert_hf(args.hf, args.out, dtype=args.dtype, progress=bar), args.out)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from dmax_jax.checkpoints.converted import export_hf, run_cli
+from dmax_jax.apps.cli import run_writer  # pylint: disable=wrong-import-position
+from dmax_jax.apps.progress import bar  # pylint: disable=wrong-import-position
+from dmax_jax.checkpoints.converted import export_hf  # pylint: disable=wrong-import-position
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -32,7 +34,8 @@ def main(argv=None) -> int:
   if args.shard_size <= 0:
     print(f"error: --shard-size must be positive, got {args.shard_size} bytes", file=sys.stderr)
     return 2
-  return run_cli(lambda: export_hf(args.checkpoint, args.out, shard_bytes=args.shard_size, dtype=args.dtype), args.out)
+  return run_writer(lambda: export_hf(args.checkpoint, args.out, shard_bytes=args.shard_size, dtype=args.dtype,
+                                      progress=bar), args.out)
 
 
 if __name__ == "__main__":

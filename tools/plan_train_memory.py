@@ -61,7 +61,7 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if config.init_from in ("", None):  # no checkpoint at hand: the LLaDA-2.0-mini architecture itself
-    cfg = config_lib.llada2_mini(**trainer._numerics(config))  # pylint: disable=protected-access
+    cfg = config_lib.llada2_mini(**trainer.numerics(config))
   else:
     try:
       cfg = trainer.model_config(config)

@@ -96,14 +96,6 @@ def device_kernel_times(fn, args, *, calls=3):
   return {k: (total[k] / calls, count[k] / calls) for k in sorted(total, key=total.get, reverse=True)}
 
 
-def uniform_routing(key, T, E, X):
-  """Top-X distinct experts per token, uniformly at random; combine weights normalised to 1."""
-  ki, kw = jax.random.split(key)
-  idx = jnp.argsort(jax.random.uniform(ki, (T, E)), axis=1)[:, :X].astype(jnp.int32)
-  w = jax.random.uniform(kw, (T, X), minval=0.1, maxval=1.0)
-  return idx, w / w.sum(axis=1, keepdims=True)
-
-
 def active_matmul_params(cfg) -> int:
   """Weights one token multiplies through in the layers (attention, dense MLPs, router, top-k and shared experts).
 

@@ -12,12 +12,13 @@ import argparse
 import os
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from dmax_jax import decoding
 from dmax_jax.apps import runner
 from dmax_jax.apps import trace_html
 from dmax_jax.apps.records import RecordsError, RecordWriter, check_writable
+from dmax_jax.checkpoints.hf import CheckpointError
 from dmax_jax.tokenizer import TokenizerError
 
 
@@ -59,6 +60,22 @@ def run_cli(body: Callable[[argparse.Namespace], int], parser: argparse.Argument
   except KeyboardInterrupt:
     print("interrupted: finished records are saved; rerun the same command to resume", file=sys.stderr)
     return 130
+
+
+def run_writer(action: Callable[[], Any], out: str) -> int:
+  """Runs a conversion tool's ``action``: a ``CheckpointError`` becomes ``error: ...`` on stderr and exit status 2;
+  a failed write (a full disk) names the file with exit status 1 (the output is removed, nothing half-written
+  stays)."""
+  try:
+    action()
+  except CheckpointError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    print(f"error: {e.filename or out}: {e.strerror or e}; nothing was written to {out}", file=sys.stderr)
+    return 1
+  print(f"wrote {out}")
+  return 0
 
 
 def report_errors(errors: Sequence[str]):

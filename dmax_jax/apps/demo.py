@@ -38,10 +38,7 @@ import time
 from typing import Optional, Sequence
 
 
-from dmax_jax.apps import arith
-from dmax_jax.apps import evaluate
-from dmax_jax.apps import gsm8k
-from dmax_jax.apps import runner
+from dmax_jax.apps import arith, evaluate, gsm8k, runner
 from dmax_jax.apps.records import RecordWriter, read_records
 from dmax_jax.tokenizer import LLADA2_CHAT_TEMPLATE, MATH_SUFFIX, compile_chat_template, train_tokenizer
 
@@ -134,6 +131,7 @@ def train_config(config, *, data_path: str, tokenizer_dir: str, init_from: str, 
 
 def train_stage(name: str, tcfg, workdir: str, out: str, tokenizer_dir: str, progress: bool) -> str:
   """Runs (or resumes) training in ``workdir/name`` and exports the final params to ``workdir/out``."""
+  from dmax_jax.apps.progress import bar_if  # pylint: disable=import-outside-toplevel
   from dmax_jax.training import trainer  # pylint: disable=import-outside-toplevel
   from dmax_jax.checkpoints.converted import save_checkpoint  # pylint: disable=import-outside-toplevel
 
@@ -141,7 +139,7 @@ def train_stage(name: str, tcfg, workdir: str, out: str, tokenizer_dir: str, pro
   if _done(os.path.join(out_dir, "config.json"), name):
     return out_dir
   t0 = time.perf_counter()
-  state = trainer.train(tcfg, os.path.join(workdir, name), progress=progress)
+  state = trainer.train(tcfg, os.path.join(workdir, name), progress=bar_if(progress))
   save_checkpoint(state["params"], trainer.model_config(tcfg), out_dir, tokenizer_dir=tokenizer_dir)
   _log(f"{name}: {tcfg.train.max_steps} steps in {time.perf_counter() - t0:.0f} s -> {out_dir}")
   return out_dir

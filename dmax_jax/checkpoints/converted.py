@@ -27,8 +27,7 @@ import json
 import math
 import os
 import shutil
-import sys
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +39,7 @@ from dmax_jax.checkpoints.hf import (
     weight_table,
 )
 from dmax_jax.model.params import is_shape, param_shapes
+from dmax_jax.progress import ReporterFactory, reporter
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 SIDE_FILES = TOKENIZER_FILES + ("generation_config.json",)  # copied through conversion and export unchanged
@@ -217,24 +217,23 @@ def _load_config(path: str, **numerics) -> ModelConfig:
     raise CheckpointError(str(e)) from None
 
 
-def convert_hf(hf_dir: str, out_dir: str, dtype=jnp.float32, progress: bool = True) -> ModelConfig:
+def convert_hf(hf_dir: str, out_dir: str, dtype=jnp.float32, progress: Optional[ReporterFactory] = None) -> ModelConfig:
   """Hugging Face checkpoint directory -> params checkpoint, one tensor at a time.
 
   Every tensor's name and shape is checked (``iter_checked``) and written
   into its slice of the stacked leaf; peak memory is a few tensors (the
   largest being the embedding), independent of the number of layers.
+  ``progress``: a reporter factory (``dmax_jax.progress``), None for none.
   """
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
   staging = _Staging(out_dir)
   reader = SafetensorsReader(hf_dir)  # checks the directory, the index, every shard's size and dtypes
   cfg = _load_config(hf_dir)
   with staging as tmp:
     with ParamsWriter(os.path.join(tmp, PARAMS_DIR), cfg, jnp.dtype(dtype)) as writer:
-      total = len(reader.names())
-      for e, tensor in tqdm(iter_checked(reader, cfg), total=total, desc="convert", unit="tensor",
-                            disable=not progress):
-        writer.write(e.leaf, e.index, from_hf_layout(e, tensor))
+      with reporter(progress, total=len(reader.names()), desc="convert", unit="tensor") as bar:
+        for e, tensor in iter_checked(reader, cfg):
+          writer.write(e.leaf, e.index, from_hf_layout(e, tensor))
+          bar.update(1)
       writer.finish()
     _write_config(hf_config_dict(cfg, hf_dir), tmp)
     _copy_side_files(hf_dir, tmp)
@@ -406,17 +405,19 @@ class _LazyLeaf:
     return value
 
 
-def export_hf(checkpoint: str, out_dir: str, shard_bytes: int = 5 * 10**9, dtype=None, progress: bool = True) -> None:
-  """Params checkpoint -> Hugging Face safetensors (separate experts), one tensor at a time."""
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+def export_hf(checkpoint: str, out_dir: str, shard_bytes: int = 5 * 10**9, dtype=None,
+              progress: Optional[ReporterFactory] = None) -> None:
+  """Params checkpoint -> Hugging Face safetensors (separate experts), one tensor at a time.
 
+  ``progress``: a reporter factory (``dmax_jax.progress``), None for none.
+  """
   _check_dir(checkpoint)
   cfg = _load_config(os.path.join(checkpoint, CONFIG_FILE))
   if os.path.exists(out_dir):
     raise CheckpointError(f"{out_dir}: already exists; choose a new output directory")
   params_dir = os.path.join(os.path.abspath(checkpoint), PARAMS_DIR)
   stores = _open_leaves(params_dir, cfg)
-  bar = tqdm(total=len(weight_table(cfg)), desc="export", unit="tensor", disable=not progress)
+  bar = reporter(progress, total=len(weight_table(cfg)), desc="export", unit="tensor")
   leaves = {}
   for leaf, store in stores.items():
     node = leaves
@@ -427,18 +428,3 @@ def export_hf(checkpoint: str, out_dir: str, shard_bytes: int = 5 * 10**9, dtype
   with bar:
     save_hf_checkpoint(leaves, cfg, out_dir, shard_bytes=shard_bytes, dtype=dtype,
                        extra_files=_side_files(checkpoint), config=config)
-
-
-def run_cli(action: Callable[[], Any], out: str) -> int:
-  """Runs a CLI's ``action``: a ``CheckpointError`` becomes ``error: ...`` on stderr and exit status 2; a failed
-  write (a full disk) names the file with exit status 1 (the output is removed, nothing half-written stays)."""
-  try:
-    action()
-  except CheckpointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except OSError as e:
-    print(f"error: {e.filename or out}: {e.strerror or e}; nothing was written to {out}", file=sys.stderr)
-    return 1
-  print(f"wrote {out}")
-  return 0

@@ -7,7 +7,7 @@ from here; nothing is derived where the checkpoint gives a value
 general).
 
 Besides the architecture, a few *numerics* fields say how to run it
-(``compute_dtype``, ``moe_backend``, ``scan_layers``, ``remat``, ``attention``). They never
+(``compute_dtype``, ``moe_backend``, ``scan_layers``, ``remat``, ``attention``, ``routing``). They never
 change the parameters, only how the forward computes; change them with
 ``dataclasses.replace``.
 """
@@ -22,6 +22,7 @@ from typing import Any, Mapping
 MODEL_TYPES = ("llada2_moe", "llada2_moe_veomni")
 MOE_BACKENDS = ("grouped", "dense", "pallas")
 ATTENTIONS = ("xla", "cudnn")
+ROUTINGS = ("learned", "uniform")
 
 
 class ConfigError(ValueError):
@@ -69,11 +70,14 @@ class ModelConfig:
   moe_backend: str = "grouped"  # "grouped" (sorted tokens, grouped matmul), "dense" (reference), "pallas"
   scan_layers: bool = True  # lax.scan over stacked layers; False = Python loop (tests only)
   remat: bool = False  # rematerialise each layer in the backward pass
+  routing: str = "learned"  # "learned" (the router), "uniform" (random top-k: benchmarks force a balanced load)
   attention: str = "xla"  # "xla" (einsum + fp32 softmax) or "cudnn" (fused flash attention on NVIDIA GPUs in bf16, else xla)
 
   def __post_init__(self):
     if self.moe_backend not in MOE_BACKENDS:
       raise ConfigError(f"moe_backend must be one of {MOE_BACKENDS}, got {self.moe_backend!r}")
+    if self.routing not in ROUTINGS:
+      raise ConfigError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
     if self.attention not in ATTENTIONS:
       raise ConfigError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
     if self.num_attention_heads % self.num_key_value_heads:
@@ -211,7 +215,7 @@ class ModelConfig:
 
   def architecture_dict(self) -> dict[str, Any]:
     """The architecture fields alone (what a checkpoint stores)."""
-    numerics = {"compute_dtype", "moe_backend", "scan_layers", "remat", "attention"}
+    numerics = {"compute_dtype", "moe_backend", "scan_layers", "remat", "attention", "routing"}
     return {k: v for k, v in dataclasses.asdict(self).items() if k not in numerics}
 
 

@@ -40,6 +40,29 @@ EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
 def route(router_w_DE, expert_bias_E, x_TD, cfg: ModelConfig):
+  """The routing ``cfg.routing`` names: LLaDA2's router ("learned"), or uniform random top-k ("uniform",
+  for benchmarks: every expert equally loaded whatever the weights). -> (ids [T, X] int32, weights [T, X])."""
+  if cfg.routing == "uniform":
+    return uniform_route(router_w_DE, x_TD, cfg)
+  return learned_route(router_w_DE, expert_bias_E, x_TD, cfg)
+
+
+def uniform_routing(key, T: int, E: int, X: int):
+  """Top-X distinct experts per token, uniformly at random; combine weights normalised to 1."""
+  ki, kw = jax.random.split(key)
+  idx = jnp.argsort(jax.random.uniform(ki, (T, E)), axis=1)[:, :X].astype(jnp.int32)
+  w = jax.random.uniform(kw, (T, X), minval=0.1, maxval=1.0)
+  return idx, w / w.sum(axis=1, keepdims=True)
+
+
+def uniform_route(router_w_DE, x_TD, cfg: ModelConfig):
+  """``uniform_routing`` scaled like the router's weights; a different draw per layer (keyed by its router)."""
+  seed = jax.lax.bitcast_convert_type(router_w_DE[0, 0].astype(jnp.float32), jnp.uint32)
+  idx, w = uniform_routing(jax.random.key(seed), x_TD.shape[0], cfg.num_experts, cfg.num_experts_per_tok)
+  return idx, w * cfg.routed_scaling_factor
+
+
+def learned_route(router_w_DE, expert_bias_E, x_TD, cfg: ModelConfig):
   """LLaDA2's router: fp32 sigmoid scores, bias for selection only, group-limited top-k.
 
   Returns (expert ids [T, X] int32, combine weights [T, X] float32). Ids are in

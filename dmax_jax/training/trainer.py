@@ -48,6 +48,7 @@ from dmax_jax.model.config import MOE_BACKENDS, ModelConfig, load_hf_config
 from dmax_jax.checkpoints.hf import CheckpointError
 from dmax_jax.training.optim import make_optimizer
 from dmax_jax.model.params import init_params
+from dmax_jax.progress import ReporterFactory, reporter
 from dmax_jax.tokenizer import load_tokenizer
 from dmax_jax.training.checkpoint import TrainCheckpointer
 from dmax_jax.training.metrics import METRICS_FILE, MetricsLog
@@ -161,7 +162,8 @@ def make_step_fn(cfg: ModelConfig, obj: losses.Objective, tx: optax.GradientTran
 # ---------------------------------------------------------------- setup
 
 
-def _numerics(config) -> dict:
+def numerics(config) -> dict:
+  """The ``ModelConfig`` numerics fields a training config sets (how to run the model, not what it is)."""
   return dict(compute_dtype=config.compute_dtype, remat=config.remat, moe_backend=config.moe_backend,
               scan_layers=config.scan_layers, attention=config.get("attention", "xla"))
 
@@ -170,14 +172,14 @@ def model_config(config) -> ModelConfig:
   """The model config: from ``config.model`` for scratch runs, else the checkpoint's config.json."""
   if config.init_from == "scratch":
     try:
-      return ModelConfig(**config.model.to_dict(), **_numerics(config))
+      return ModelConfig(**config.model.to_dict(), **numerics(config))
     except (TypeError, ValueError) as e:
       raise TrainError(f"config.model: {e}") from None
   path = config.init_from
   if not os.path.isdir(path):
     raise TrainError(f"{path}: initial checkpoint not found (config.init_from)")
   try:
-    return load_hf_config(path, **_numerics(config))
+    return load_hf_config(path, **numerics(config))
   except ValueError as e:
     raise TrainError(str(e)) from None
 
@@ -432,7 +434,7 @@ def write_final(params, cfg: ModelConfig, workdir: str, tok_dir: str) -> str:
 # ---------------------------------------------------------------- the loop
 
 
-def train(config, workdir: str, progress: bool = True,
+def train(config, workdir: str, progress: Optional[ReporterFactory] = None,
           on_resume: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
   """Runs (or resumes) training in ``workdir``; returns the final state.
 
@@ -440,8 +442,6 @@ def train(config, workdir: str, progress: bool = True,
   ``step``. On one process the run ends by writing ``workdir/final``
   (``write_final``); several processes leave the training checkpoints only.
   """
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
   check_config(config)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   cfg, ds, p, tx, sched = build(config, mesh)
@@ -466,8 +466,8 @@ def train(config, workdir: str, progress: bool = True,
     metrics_path = os.path.join(workdir, METRICS_FILE)
     with _writing(metrics_path, OSError):
       mlog = MetricsLog(workdir, start, enabled=lead)
-    with mlog, tqdm(total=p.total_steps, initial=start, desc="train", unit="step",
-                    disable=not (progress and lead)) as bar:
+    with mlog, reporter(progress if lead else None, total=p.total_steps, initial=start, desc="train",
+                        unit="step") as bar:
       for step in range(start + 1, p.total_steps + 1):
         host_batch, pos = next(stream)
         t0 = time.perf_counter()
