@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.objective = ml_collections.ConfigDict()
   c.objective.oput = True  # True: OPUT (data duplicated on/off-policy, rollout substitution); False: plain SFT
-  c.objective.block_size = 32  # K of the block-diffusion [x_t ; x_0] attention
+  c.objective.block_length = 32  # K of the block-diffusion [x_t ; x_0] attention
   c.objective.noise_low = 0.75  # t ~ U[noise_low, noise_high] per example
   c.objective.noise_high = 0.75
   c.objective.only_masked = False  # False = DMax: loss on every labelled answer position; True: masked only

@@ -20,7 +20,7 @@ def get_config():
   c.data.path = ""  # required: self-distilled {"question","answer"} JSONL
   c.data.max_seq_len = 2048  # max_seq_len 2048
   c.objective.oput = True  # On-Policy Uniform Training (on/off-policy duplication + rollout)
-  c.objective.block_size = 32  # block size 32
+  c.objective.block_length = 32  # block size 32
   c.objective.noise_low = 0.75  # noise fixed at 0.75 ...
   c.objective.noise_high = 0.75  # ... (low = high)
   c.objective.only_masked = False  # DMax: loss on every labelled answer position

@@ -36,7 +36,7 @@ def get_config():
   c.remat = False  # nothing to save at this size
   c.moe_backend = "dense"  # fastest on CPU at this size
   c.data.max_seq_len = 64  # short sequences
-  c.objective.block_size = 8  # K
+  c.objective.block_length = 8  # K
   c.objective.noise_low = 0.75  # as in DMax
   c.objective.noise_high = 0.75
   c.optim.lr = 3e-3  # a from-scratch learning rate

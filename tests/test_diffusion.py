@@ -178,7 +178,7 @@ def test_sft_loss_on_fixture_matches_numpy(dense_tiny, fixture_batch, only_maske
 def test_oput_gradient_equals_gradient_with_substituted_constants(dense_tiny, fixture_batch):
   cfg, params = dense_tiny
   ids, prompt, labels, _, _ = fixture_batch
-  obj = losses.Objective(block_size=4, noise_low=0.6, noise_high=0.6, oput=True)
+  obj = losses.Objective(block_length=4, noise_low=0.6, noise_high=0.6, oput=True)
   batch = {"ids": jnp.asarray(ids), "prompt_len": jnp.asarray(prompt), "labels": jnp.asarray(labels),
            "on_policy": jnp.array([True, False])}
   keys = jax.random.split(jax.random.PRNGKey(5), 2)
@@ -215,5 +215,5 @@ def test_off_policy_batch_skips_rollout(dense_tiny, fixture_batch):
   def run(obj):
     return jax.jit(lambda p, b, k: losses.loss_sum(p, cfg, obj, b, k))(params, batch, keys)
 
-  oput, sft = run(losses.Objective(block_size=4, oput=True)), run(losses.Objective(block_size=4, oput=False))
+  oput, sft = run(losses.Objective(block_length=4, oput=True)), run(losses.Objective(block_length=4, oput=False))
   np.testing.assert_allclose(float(oput[0]), float(sft[0]), rtol=1e-6)

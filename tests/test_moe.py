@@ -52,7 +52,7 @@ def test_grouped_gradients_equal_dense_on_the_fixture(tiny):
   ids = rng.integers(0, 500, (2, L)).astype(np.int32)
   batch = {"ids": ids, "prompt_len": np.array([3, 5], np.int32), "labels": ids, "on_policy": np.array([True, False])}
   keys = jax.random.split(jax.random.key(0), 2)
-  obj = losses.Objective(block_size=4, oput=True)
+  obj = losses.Objective(block_length=4, oput=True)
 
   def grads(backend):
     c = with_numerics(cfg, moe_backend=backend, remat=True)

@@ -61,7 +61,7 @@ def test_oput_mini_is_the_dmax_recipe():
   o, t = c.optim, c.train
   assert (o.lr, o.b1, o.b2, o.weight_decay, o.warmup_ratio, o.clip_norm) == (2e-6, 0.9, 0.999, 0.01, 0.03, 1.0)
   assert (t.global_batch_size, t.micro_batch_size, t.epochs) == (8, 1, 2)
-  assert (c.data.max_seq_len, c.objective.block_size, c.objective.noise_low, c.objective.noise_high) == (2048, 32, 0.75, 0.75)
+  assert (c.data.max_seq_len, c.objective.block_length, c.objective.noise_low, c.objective.noise_high) == (2048, 32, 0.75, 0.75)
   assert c.compute_dtype == "bfloat16" and c.remat and c.objective.oput and not c.objective.only_masked
   assert c.moe_backend == "grouped"  # only the routed experts' work (BENCHMARKS.md)
   assert c.attention == "cudnn"
@@ -380,7 +380,7 @@ def test_setup_errors_are_one_line_and_write_nothing(workspace, tmp_path):
 @pytest.mark.parametrize("key,value,message", [
     ("optim.b2", 1.0, "in [0, 1)"), ("optim.warmup_ratio", -0.1, "in [0, 1)"), ("optim.clip_norm", 0.0, "> 0"),
     ("optim.eps", float("nan"), "> 0"), ("train.global_batch_size", 0, ">= 1"), ("train.max_steps", -1, ">= 0"),
-    ("train.keep_checkpoints", 0, ">= 1"), ("data.max_seq_len", 1, ">= 2"), ("objective.block_size", 0, ">= 1"),
+    ("train.keep_checkpoints", 0, ">= 1"), ("data.max_seq_len", 1, ">= 2"), ("objective.block_length", 0, ">= 1"),
     ("objective.noise_high", 0.0, "in (0, 1]"), ("objective.noise_low", 1.5, "in [0, 1]"),
     ("compute_dtype", "float8", "float32, bfloat16 or float16"),
 ])

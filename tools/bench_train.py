@@ -95,7 +95,7 @@ def bench_backend(args, backend, config, mesh):
   return statistics.median(rounds), rounds, loss, profile
 
 
-def bench_attention(args, cfg, block):
+def bench_attention(args, cfg, block_length):
   """Seconds of attention forward + backward over the ``[x_t ; x_0]`` mask at training length, per implementation."""
   B, S, H, G, R = args.rows, 2 * args.length, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
   k = jax.random.split(jax.random.key(5), 4)
@@ -103,7 +103,7 @@ def bench_attention(args, cfg, block):
   kk = jax.random.normal(k[1], (B, S, G, R), jnp.bfloat16)
   v = jax.random.normal(k[2], (B, S, G, R), jnp.bfloat16)
   ct = jax.random.normal(k[3], (B, S, H, R), jnp.bfloat16)
-  mask = jnp.broadcast_to(diffusion.bd_attention_mask(args.length, block), (B, S, S))
+  mask = jnp.broadcast_to(diffusion.bd_attention_mask(args.length, block_length), (B, S, S))
   impls = {"xla (model.attend)": lambda q, kk, v: model.attend(q, kk, v, mask),
            "cudnn (jax.nn, mask)": lambda q, kk, v: jax.nn.dot_product_attention(
                q, kk, v, mask=mask[:, None], implementation="cudnn")}
@@ -151,14 +151,14 @@ def main(argv=None):
   args.length = args.length or (64 if args.tiny else 2048)
   config = oput_mini.get_config()
   config.init_from = "scratch"  # random weights (trainer.fresh_state)
-  block = config.objective.block_size
+  block_length = config.objective.block_length
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
   rate = matmul_rate(1024 if args.tiny else 8192, warmup=2, iters=5, rounds=5)
   print(f"bf16 matmul rate (8192^3, random inputs): {rate / 1e12:.1f} TFLOP/s", flush=True)
   cfg = model_cfg(args, "grouped")
-  pairs = int(np.sum(np.asarray(diffusion.bd_attention_mask(args.length, block))))
+  pairs = int(np.sum(np.asarray(diffusion.bd_attention_mask(args.length, block_length))))
   flops = oput_step_flops(cfg, args.rows * args.accum, args.length, pairs)
   print(f"model: {args.layers} layers ({cfg.num_dense_layers} dense), {params_lib.count_params(cfg) / 1e9:.2f} B "
         f"params; {args.accum} micro-steps of {args.rows} x {args.length} tokens per step, [x_t ; x_0] attention {pairs / (2 * args.length) ** 2:.1%}"
@@ -182,7 +182,7 @@ def main(argv=None):
         print(f"  {us / 1e3:9.3f} ms  {n:5.0f}x  {100 * us / total:5.1f}%  {name[:110]}")
       r["profile_top"] = [[name, us, n] for name, (us, n) in list(profile.items())[:args.profile]]
   if args.attention:
-    results["attention"] = bench_attention(args, cfg, block)
+    results["attention"] = bench_attention(args, cfg, block_length)
   print(f"\n{'backend':10s} {'step ms':>9s} {'min':>8s} {'max':>8s} {'tokens/s':>9s} {'TFLOP/s':>8s} "
         f"{'MFU(meas)':>9s} {'MFU(peak)':>9s} {'loss':>7s}")
   rows = results["backends"]

@@ -114,7 +114,7 @@ def train_config(config, *, data_path: str, tokenizer_dir: str, init_from: str, 
   c.data.max_seq_len = config.max_seq_len
   c.data.prompt_suffix = MATH_SUFFIX  # the evaluation's prompt (tools/evaluate.py appends it too)
   c.objective.update(objective)
-  c.objective.block_size = config.block_length
+  c.objective.block_length = config.block_length
   c.optim.lr = lr
   c.optim.warmup_ratio = warmup_ratio
   c.optim.weight_decay = 0.0

@@ -283,6 +283,41 @@ def _write_safetensors(fpath: str, specs, values) -> None:
       f.write(np.ascontiguousarray(value).tobytes())
 
 
+def _shards(table: list, nbytes, shard_bytes: int) -> list[list]:
+  """``table``'s entries cut, in order, into shards of at most ``shard_bytes`` (a bigger tensor fills one alone)."""
+  shards: list[list] = [[]]
+  size = 0
+  for e in table:
+    if shards[-1] and size + nbytes(e) > shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(e)
+    size += nbytes(e)
+  return shards
+
+
+def _write_weights(params, table: list, out_dtype, tmp: str, shard_bytes: int) -> None:
+  """The safetensors shards of ``table`` (and the index, for several) in ``tmp``, one tensor in memory at a time."""
+  nbytes = lambda e: int(np.prod(e.shape)) * out_dtype(e).itemsize  # noqa: E731
+  shards = _shards(table, nbytes, shard_bytes)
+  n = len(shards)
+  weight_map = {}
+
+  def pull(e):
+    leaf = _get_leaf(params, e.leaf)
+    value = np.asarray(leaf[e.index] if e.index else leaf[...]).astype(out_dtype(e), copy=False)
+    return to_hf_layout(e, value)
+
+  for k, entries in enumerate(shards):
+    fname = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+    _write_safetensors(os.path.join(tmp, fname), [(e.hf_name, e.shape, out_dtype(e)) for e in entries],
+                       (pull(e) for e in entries))
+    weight_map.update({e.hf_name: fname for e in entries})
+  if n > 1:
+    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {"total_size": sum(map(nbytes, table))}, "weight_map": weight_map}, f, indent=2)
+
+
 def save_hf_checkpoint(
     params, cfg: ModelConfig, out_dir: str, *, shard_bytes: int = 5 * 10**9, merged_experts: bool = False,
     dtype=None, extra_files: Optional[dict[str, str]] = None, config: Optional[dict] = None,
@@ -310,35 +345,8 @@ def save_hf_checkpoint(
     shutil.rmtree(tmp)
   os.makedirs(tmp)
   try:
-    table = weight_table(cfg, merged_experts=merged_experts)
-    shards: list[list[Entry]] = [[]]
-    size = 0
     out_dtype = lambda e: np.dtype(jnp.dtype(dtype) if dtype is not None else _get_leaf(params, e.leaf).dtype)  # noqa: E731
-    itemsize = lambda e: out_dtype(e).itemsize  # noqa: E731
-    for e in table:
-      nbytes = int(np.prod(e.shape)) * itemsize(e)
-      if shards[-1] and size + nbytes > shard_bytes:
-        shards.append([])
-        size = 0
-      shards[-1].append(e)
-      size += nbytes
-    n = len(shards)
-    weight_map = {}
-
-    def pull(e):
-      leaf = _get_leaf(params, e.leaf)
-      value = np.asarray(leaf[e.index] if e.index else leaf[...]).astype(out_dtype(e), copy=False)
-      return to_hf_layout(e, value)
-
-    for k, entries in enumerate(shards):
-      fname = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-      _write_safetensors(os.path.join(tmp, fname), [(e.hf_name, e.shape, out_dtype(e)) for e in entries],
-                         (pull(e) for e in entries))
-      weight_map.update({e.hf_name: fname for e in entries})
-    if n > 1:
-      total = sum(int(np.prod(e.shape)) * itemsize(e) for e in table)
-      with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    _write_weights(params, weight_table(cfg, merged_experts=merged_experts), out_dtype, tmp, shard_bytes)
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(cfg.to_hf_dict() if config is None else config, f, indent=2)
     for name, src in (extra_files or {}).items():

@@ -38,6 +38,45 @@ def accum_dtype(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
+_HF_REQUIRED = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "moe_intermediate_size", "num_experts", "num_experts_per_tok", "n_group",
+    "topk_group", "routed_scaling_factor", "partial_rotary_factor", "rope_theta", "rms_norm_eps",
+    "max_position_embeddings", "eos_token_id",
+)
+
+
+def _check_hf_dict(d: Mapping[str, Any], source: str) -> None:
+  """ConfigError unless ``d`` is a LLaDA2-MoE ``config.json`` this model implements, with every key it needs."""
+  model_type = d.get("model_type")
+  if model_type not in MODEL_TYPES:
+    raise ConfigError(f"{source}: model_type {model_type!r} is not LLaDA2-MoE (expected one of {MODEL_TYPES})")
+  if d.get("tie_word_embeddings", False):
+    raise ConfigError(f"{source}: tie_word_embeddings=true is not LLaDA2-MoE (the lm_head is untied)")
+  if d.get("use_bias", False) or d.get("use_qkv_bias", False):
+    raise ConfigError(f"{source}: biases (use_bias/use_qkv_bias) are not supported by LLaDA2-MoE")
+  if d.get("rope_scaling"):
+    raise ConfigError(f"{source}: rope_scaling {d['rope_scaling']!r} is not supported")
+  for key in _HF_REQUIRED:
+    if key not in d:
+      raise ConfigError(f"{source}: missing key {key!r}")
+
+
+def _token_ids(d: Mapping[str, Any], source: str) -> tuple[int, int]:
+  """(eos id, mask id) of a ``config.json`` dict."""
+  eos = d["eos_token_id"]
+  if isinstance(eos, list):
+    eos = eos[0]
+  mask_id = d.get("mask_token_id")
+  if mask_id is None:
+    # LLaDA-2.0-mini's config.json does not carry it; its tokenizer's <|mask|> is 156895.
+    if d["vocab_size"] != 157184:
+      raise ConfigError(f"{source}: missing key 'mask_token_id' (the id of the <|mask|> token)")
+    mask_id = 156895
+  return eos, mask_id
+
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """LLaDA2-MoE hyper-parameters plus how to run the forward."""
@@ -113,35 +152,9 @@ class ModelConfig:
   @classmethod
   def from_hf_dict(cls, d: Mapping[str, Any], source: str = "config.json", **numerics) -> "ModelConfig":
     """Builds a config from a Hugging Face ``config.json`` dict."""
-    model_type = d.get("model_type")
-    if model_type not in MODEL_TYPES:
-      raise ConfigError(f"{source}: model_type {model_type!r} is not LLaDA2-MoE (expected one of {MODEL_TYPES})")
-    if d.get("tie_word_embeddings", False):
-      raise ConfigError(f"{source}: tie_word_embeddings=true is not LLaDA2-MoE (the lm_head is untied)")
-    if d.get("use_bias", False) or d.get("use_qkv_bias", False):
-      raise ConfigError(f"{source}: biases (use_bias/use_qkv_bias) are not supported by LLaDA2-MoE")
-    if d.get("rope_scaling"):
-      raise ConfigError(f"{source}: rope_scaling {d['rope_scaling']!r} is not supported")
-    required = [
-        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-        "intermediate_size", "moe_intermediate_size", "num_experts", "num_experts_per_tok", "n_group",
-        "topk_group", "routed_scaling_factor", "partial_rotary_factor", "rope_theta", "rms_norm_eps",
-        "max_position_embeddings", "eos_token_id",
-    ]
-    for key in required:
-      if key not in d:
-        raise ConfigError(f"{source}: missing key {key!r}")
-    eos = d["eos_token_id"]
-    if isinstance(eos, list):
-      eos = eos[0]
+    _check_hf_dict(d, source)
+    eos, mask_id = _token_ids(d, source)
     head_dim = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
-    mask_id = d.get("mask_token_id")
-    if mask_id is None:
-      # LLaDA-2.0-mini's config.json does not carry it; its tokenizer's <|mask|> is 156895.
-      if d["vocab_size"] == 157184:
-        mask_id = 156895
-      else:
-        raise ConfigError(f"{source}: missing key 'mask_token_id' (the id of the <|mask|> token)")
     try:
       return cls(
           vocab_size=int(d["vocab_size"]),

@@ -306,7 +306,7 @@ def forward_cached(
   return (out, cache, router) if return_router else (out, cache)
 
 
-def block_causal_mask(length: int, block: int):
-  """``[q, k]`` True iff ``k // block <= q // block``."""
-  idx = jnp.arange(length) // block
+def block_causal_mask(length: int, block_length: int):
+  """``[q, k]`` True iff ``k // block_length <= q // block_length``."""
+  idx = jnp.arange(length) // block_length
   return idx[None, :] <= idx[:, None]

@@ -68,14 +68,14 @@ def add_noise(rng_B, ids_BL, maskable_BL, mask_id: int, low: float, high: float)
   return x_t, masked_BL, t_B
 
 
-def bd_attention_mask(length: int, block: int):
+def bd_attention_mask(length: int, block_length: int):
   """The ``[2L, 2L]`` boolean attention of the ``[x_t ; x_0]`` layout (True = may attend).
 
   Rows/columns ``0..L-1`` are the noisy half, ``L..2L-1`` the clean half:
   noisy->noisy same block; noisy->clean clean blocks strictly before;
   clean->clean blocks up to and including; clean->noisy never.
   """
-  blk = jnp.arange(length) // block
+  blk = jnp.arange(length) // block_length
   q, k = blk[:, None], blk[None, :]
   noisy_noisy = q == k
   noisy_clean = k < q

@@ -24,7 +24,7 @@ from dmax_jax.model.transformer import forward_hidden, logits_from_hidden
 class Objective:
   """How a batch becomes a loss (the diffusion part of a training config)."""
 
-  block_size: int = 32  # K of the [x_t ; x_0] attention
+  block_length: int = 32  # K of the [x_t ; x_0] attention
   noise_low: float = 0.75  # t ~ U[noise_low, noise_high] per example
   noise_high: float = 0.75
   oput: bool = True  # on-policy rows get the rollout substitution
@@ -55,17 +55,17 @@ def bd_sft_loss(logits_BLV, labels_BL, masked_BL=None, only_masked: bool = False
   return total / jnp.maximum(count, 1.0)
 
 
-def noisy_logits(params, cfg: ModelConfig, x_t_BL, x_0_BL, block_size: int):
+def noisy_logits(params, cfg: ModelConfig, x_t_BL, x_0_BL, block_length: int):
   """Logits of the noisy half of the ``[x_t ; x_0]`` forward, ``[B, L, V]`` float32."""
   L = x_t_BL.shape[1]
   hidden, _ = forward_hidden(
       params, cfg, tokens=diffusion.bd_inputs(x_t_BL, x_0_BL), positions=diffusion.bd_positions(L),
-      mask=diffusion.bd_attention_mask(L, block_size),
+      mask=diffusion.bd_attention_mask(L, block_length),
   )
   return logits_from_hidden(params, cfg, hidden[:, :L])
 
 
-def rollout(params, cfg: ModelConfig, x_t_BL, x_0_BL, masked_BL, on_policy_B, block_size: int):
+def rollout(params, cfg: ModelConfig, x_t_BL, x_0_BL, masked_BL, on_policy_B, block_length: int):
   """OPUT's no-gradient rollout: the noisy half with on-policy masks replaced by argmax guesses.
 
   Skipped (``lax.cond``) when no row of the batch is on-policy.
@@ -73,7 +73,7 @@ def rollout(params, cfg: ModelConfig, x_t_BL, x_0_BL, masked_BL, on_policy_B, bl
   params = jax.lax.stop_gradient(params)
 
   def guess(x_t):
-    logits = noisy_logits(params, cfg, x_t, x_0_BL, block_size)
+    logits = noisy_logits(params, cfg, x_t, x_0_BL, block_length)
     return diffusion.oput_substitute(x_t, masked_BL, logits, on_policy_B)
 
   return jax.lax.cond(jnp.any(on_policy_B), guess, lambda x_t: x_t, x_t_BL)
@@ -97,7 +97,7 @@ def loss_sum(params, cfg: ModelConfig, obj: Objective, batch, rng_B):
   x_0 = batch["ids"]
   x_t, masked = corrupt(rng_B, batch, cfg, obj)
   if obj.oput:
-    x_t = rollout(params, cfg, x_t, x_0, masked, batch["on_policy"], obj.block_size)
-  logits = noisy_logits(params, cfg, x_t, x_0, obj.block_size)
+    x_t = rollout(params, cfg, x_t, x_0, masked, batch["on_policy"], obj.block_length)
+  logits = noisy_logits(params, cfg, x_t, x_0, obj.block_length)
   weight = loss_weights(batch["labels"], masked, obj.only_masked)
   return cross_entropy_sum(logits, batch["labels"], weight)

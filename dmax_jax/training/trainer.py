@@ -84,7 +84,7 @@ _RANGES = {
     "train.keep_checkpoints": (lambda v: v >= 1, ">= 1"),
     "train.debug_kill_at_step": (lambda v: v >= 0, ">= 0"),
     "data.max_seq_len": (lambda v: v >= 2, ">= 2"),
-    "objective.block_size": (lambda v: v >= 1, ">= 1"),
+    "objective.block_length": (lambda v: v >= 1, ">= 1"),
     "objective.noise_low": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "objective.noise_high": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "compute_dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
@@ -122,7 +122,7 @@ def check_config(config) -> None:
 def objective_from(config) -> losses.Objective:
   o = config.objective
   return losses.Objective(
-      block_size=o.block_size, noise_low=o.noise_low, noise_high=o.noise_high, oput=o.oput, only_masked=o.only_masked
+      block_length=o.block_length, noise_low=o.noise_low, noise_high=o.noise_high, oput=o.oput, only_masked=o.only_masked
   )
 
 
@@ -441,11 +441,11 @@ def train(config, workdir: str, progress: Optional[ReporterFactory] = None,
   ``on_resume(step)`` is called when the run continues from checkpoint
   ``step``. On one process the run ends by writing ``workdir/final``
   (``write_final``); several processes leave the training checkpoints only.
+  ``progress``: a reporter factory (``dmax_jax.progress``) for the steps, None for none.
   """
   check_config(config)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   cfg, ds, p, tx, sched = build(config, mesh)
-  obj = objective_from(config)
   os.makedirs(workdir, exist_ok=True)
   lead = jax.process_index() == 0  # on several hosts, one writes the metrics and shows progress
   ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints,
@@ -457,48 +457,75 @@ def train(config, workdir: str, progress: Optional[ReporterFactory] = None,
         on_resume(int(state["step"]))
     else:
       state, pos = fresh_state(config, cfg, tx, mesh), data_lib.DataPosition()
-    step_fn = jit_step(cfg, obj, tx, sched, mesh, state)
-    start = int(state["step"])
-    stream = data_lib.batches(ds, p.global_batch, config.train.seed, pos)
-    tokens_per_step = p.global_batch * config.data.max_seq_len
-    save_every = config.train.save_every
-    kill_at = config.train.debug_kill_at_step
-    metrics_path = os.path.join(workdir, METRICS_FILE)
-    with _writing(metrics_path, OSError):
-      mlog = MetricsLog(workdir, start, enabled=lead)
-    with mlog, reporter(progress if lead else None, total=p.total_steps, initial=start, desc="train",
-                        unit="step") as bar:
-      for step in range(start + 1, p.total_steps + 1):
-        host_batch, pos = next(stream)
-        t0 = time.perf_counter()
-        state, m = step_fn(state, put_batch(shape_batch(host_batch, p), mesh))
-        m = {k: float(v) for k, v in m.items()}
-        dt = time.perf_counter() - t0
-        row = {"step": step, "epoch": pos.epoch, "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
-               "tokens_per_s": tokens_per_step / dt, "step_time": dt}
-        with _writing(metrics_path, OSError):
-          mlog.write(row)
-        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-          with _writing(ckpt.directory):
-            ckpt.wait()
-          raise TrainFailed(f"{workdir}: step {step}: the loss is {m['loss']} (gradient norm {m['grad_norm']}); stopped without "
-                            f"saving it (latest checkpoint: step {ckpt.latest_step()}; try a lower config.optim.lr)")
-        bar.set_postfix(loss=f"{m['loss']:.4f}", gnorm=f"{m['grad_norm']:.3f}", lr=f"{m['lr']:.2e}",
-                        tok_s=f"{row['tokens_per_s']:.0f}")
-        bar.update(1)
-        if save_every and step % save_every == 0:
-          _save(ckpt, step, state, pos)
-        if kill_at and step == kill_at:
-          os.kill(os.getpid(), signal.SIGKILL)  # a hard crash, for the resume test
-    with _writing(ckpt.directory):
-      ckpt.wait()
-    if ckpt.latest_step() != p.total_steps:
-      _save(ckpt, p.total_steps, state, pos, force=True)
-    with _writing(ckpt.directory):
-      ckpt.close()
+    run = _Run(config, workdir, ckpt, jit_step(cfg, objective_from(config), tx, sched, mesh, state), p, mesh, lead)
+    state, pos = run.steps(state, pos, data_lib.batches(ds, p.global_batch, config.train.seed, pos), progress)
+    run.finish(state, pos)
   except BaseException:
     _abandon(ckpt, lead)
     raise
   if jax.process_count() == 1:
     write_final(state["params"], cfg, workdir, tokenizer_dir(config))
   return state
+
+
+@dataclasses.dataclass
+class _Run:
+  """One training run's fixed parts: what each step needs besides the state and the batch."""
+
+  config: Any
+  workdir: str
+  ckpt: TrainCheckpointer
+  step_fn: Callable
+  plan: Any  # the batch plan of ``build``
+  mesh: Any
+  lead: bool
+
+  def steps(self, state, pos, stream, progress):
+    """Runs the steps left (metrics, saves, the non-finite check); -> (state, data position)."""
+    p, train_cfg = self.plan, self.config.train
+    start = int(state["step"])
+    metrics_path = os.path.join(self.workdir, METRICS_FILE)
+    with _writing(metrics_path, OSError):
+      mlog = MetricsLog(self.workdir, start, enabled=self.lead)
+    with mlog, reporter(progress if self.lead else None, total=p.total_steps, initial=start, desc="train",
+                        unit="step") as bar:
+      for step in range(start + 1, p.total_steps + 1):
+        host_batch, pos = next(stream)
+        state, row = self._step(state, host_batch, step, pos)
+        with _writing(metrics_path, OSError):
+          mlog.write(row)
+        self._check_finite(row, step)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", gnorm=f"{row['grad_norm']:.3f}", lr=f"{row['lr']:.2e}",
+                        tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.update(1)
+        if train_cfg.save_every and step % train_cfg.save_every == 0:
+          _save(self.ckpt, step, state, pos)
+        if train_cfg.debug_kill_at_step and step == train_cfg.debug_kill_at_step:
+          os.kill(os.getpid(), signal.SIGKILL)  # a hard crash, for the resume test
+    return state, pos
+
+  def _step(self, state, host_batch, step: int, pos):
+    t0 = time.perf_counter()
+    state, m = self.step_fn(state, put_batch(shape_batch(host_batch, self.plan), self.mesh))
+    m = {k: float(v) for k, v in m.items()}
+    dt = time.perf_counter() - t0
+    tokens = self.plan.global_batch * self.config.data.max_seq_len
+    return state, {"step": step, "epoch": pos.epoch, "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
+                   "tokens_per_s": tokens / dt, "step_time": dt}
+
+  def _check_finite(self, row: dict, step: int) -> None:
+    if not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
+      with _writing(self.ckpt.directory):
+        self.ckpt.wait()
+      raise TrainFailed(f"{self.workdir}: step {step}: the loss is {row['loss']} (gradient norm {row['grad_norm']}); "
+                        f"stopped without saving it (latest checkpoint: step {self.ckpt.latest_step()}; try a lower "
+                        "config.optim.lr)")
+
+  def finish(self, state, pos) -> None:
+    """Waits for the saves in flight, saves the last step if it is not saved yet, closes the checkpointer."""
+    with _writing(self.ckpt.directory):
+      self.ckpt.wait()
+    if self.ckpt.latest_step() != self.plan.total_steps:
+      _save(self.ckpt, self.plan.total_steps, state, pos, force=True)
+    with _writing(self.ckpt.directory):
+      self.ckpt.close()
