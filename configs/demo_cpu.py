@@ -5,6 +5,10 @@ python tools/run_demo.py --config=configs/demo_cpu.py --workdir=runs/demo
 
 import ml_collections
 
+from dmax_jax.model import presets
+from dmax_jax.tokenizer import MATH_SUFFIX
+from dmax_jax.training.config import defaults
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -18,39 +22,23 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.tokenizer_vocab = 512  # BPE vocabulary, digits split (eos = vocab - 2, mask = vocab - 1)
 
-  m = c.model = ml_collections.ConfigDict()  # a small LLaDA2-MoE (ModelConfig fields; token ids set from the tokenizer)
-  m.hidden_size = 128  # D
-  m.num_hidden_layers = 4  # one dense layer then three MoE layers
-  m.num_attention_heads = 4  # H
-  m.num_key_value_heads = 2  # G
-  m.head_dim = 32  # R
-  m.intermediate_size = 256  # dense SwiGLU width
-  m.first_k_dense_replace = 1  # layers [0, 1) dense
-  m.moe_intermediate_size = 64  # one expert's width
-  m.num_experts = 4  # E
-  m.num_experts_per_tok = 2  # top-k
-  m.n_group = 2  # expert groups
-  m.topk_group = 2  # groups kept per token
-  m.num_shared_experts = 1  # shared expert
-  m.routed_scaling_factor = 2.5  # as LLaDA-2.0
-  m.partial_rotary_factor = 0.5  # as LLaDA-2.0
-  m.rope_theta = 10000.0  # RoPE base
-  m.rms_norm_eps = 1e-6  # RMSNorm epsilon
-  m.max_position_embeddings = 144  # prompt (41 tokens) + gen_length 88, rounded up to blocks
-
+  c.model = ml_collections.ConfigDict(presets.DEMO_CPU)  # the SFT stage's architecture (token ids: the tokenizer's)
   c.compute_dtype = "float32"  # CPU: fp32 compute (bf16 matmuls are slow on CPU)
   c.moe_backend = "dense"  # every expert on every token: fastest at this size on CPU
   c.max_seq_len = 128  # training sequence length (prompt 41 + answer <= 84 tokens + eos labels)
   c.block_length = 8  # K: the training block size and the decoding block length
 
-  c.sft = ml_collections.ConfigDict()  # (1) block-diffusion SFT from scratch: the base model
-  c.sft.steps = 400  # optimizer steps
-  c.sft.batch_size = 16  # sequences per step
-  c.sft.lr = 3e-3  # peak AdamW learning rate (warmup then cosine)
-  c.sft.warmup_ratio = 0.05  # warmup fraction
-  c.sft.noise_low = 0.1  # t ~ U[low, high]: a base model must unmask from any noise level
-  c.sft.noise_high = 1.0
-  c.sft.only_masked = True  # MDLM loss on masked positions only (LLaDA's pre-training objective)
+  s = c.sft = defaults()  # (1) block-diffusion SFT from scratch: the base model (a training config, train.py's)
+  s.init_from = "scratch"  # random init from the model below
+  s.train.max_steps = 400  # optimizer steps
+  s.train.global_batch_size = 16  # sequences per step
+  s.train.save_every = 100  # a few checkpoints to resume from
+  s.optim.lr = 3e-3  # peak AdamW learning rate (warmup then cosine)
+  s.optim.warmup_ratio = 0.05  # warmup fraction
+  s.objective.oput = False  # plain block-diffusion SFT
+  s.objective.noise_low = 0.1  # t ~ U[low, high]: a base model must unmask from any noise level
+  s.objective.noise_high = 1.0
+  s.objective.only_masked = True  # MDLM loss on masked positions only (LLaDA's pre-training objective)
 
   c.distill = ml_collections.ConfigDict()  # (2) self-distillation: the base model answers training prompts
   c.distill.n_prompts = 768  # training questions decoded by the base model
@@ -58,12 +46,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.keep = "all"  # "all" (as DMax: every generation) or "well_formed" (only outputs with a '#### n' line)
   c.distill.batch_size = 128  # prompts per decoding batch
 
-  c.oput = ml_collections.ConfigDict()  # (3) OPUT fine-tuning of the base model on its own outputs
-  c.oput.steps = 80  # optimizer steps (the ablation trains as many)
-  c.oput.batch_size = 16  # sequences per step (half on-policy, half off-policy on average)
-  c.oput.lr = 5e-4  # peak AdamW learning rate
-  c.oput.warmup_ratio = 0.03  # as DMax
-  c.oput.noise = 0.75  # DMax's fixed noise level
+  o = c.oput = defaults()  # (3) OPUT fine-tuning of the base model on its own outputs (a training config); the
+  # ablation (3') is this config with objective.oput = False: same data, steps, batch, learning rate and noise
+  o.train.max_steps = 80  # optimizer steps
+  o.train.global_batch_size = 16  # sequences per step (half on-policy, half off-policy on average)
+  o.train.save_every = 25  # a few checkpoints to resume from
+  o.optim.lr = 5e-4  # peak AdamW learning rate
+  o.optim.warmup_ratio = 0.03  # as DMax
+  o.objective.oput = True  # on-policy uniform training
+  o.objective.noise_low = 0.75  # DMax's fixed noise level
+  o.objective.noise_high = o.objective.get_ref("noise_low")
+  o.objective.only_masked = False  # DMax: loss on every labelled answer position
+  for stage in (c.sft, c.oput):
+    share(c, stage)
 
   c.eval = ml_collections.ConfigDict()  # (4) held-out accuracy / TPF / tokens/s sweep
   c.eval.gen_length = 88  # tokens generated per problem (answers take 68-84)
@@ -76,3 +71,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.confidence_stop = 0.9  # SPD's block stop rule
   c.eval.dtype = "float32"  # params / compute dtype while decoding
   return c
+
+
+def share(c: ml_collections.ConfigDict, stage: ml_collections.ConfigDict) -> None:
+  """Links a stage's training config to the demo-wide keys (overriding one of those changes every stage)."""
+  vocab = c.get_ref("tokenizer_vocab")
+  stage.model = ml_collections.ConfigDict({k: c.model.get_ref(k) for k in c.model})  # used by init_from="scratch"
+  stage.model.update(vocab_size=vocab, eos_token_id=vocab - 2, pad_token_id=vocab - 2, mask_token_id=vocab - 1)
+  stage.compute_dtype = c.get_ref("compute_dtype")
+  stage.moe_backend = c.get_ref("moe_backend")
+  stage.remat = False  # nothing to save at this size
+  stage.data.max_seq_len = c.get_ref("max_seq_len")
+  stage.data.prompt_suffix = MATH_SUFFIX  # the evaluation's prompt (tools/evaluate.py appends it too)
+  stage.objective.block_length = c.get_ref("block_length")
+  stage.optim.weight_decay = 0.0  # none
+  stage.train.micro_batch_size = stage.train.get_ref("global_batch_size")  # no accumulation
+  stage.train.seed = c.get_ref("seed")
+  stage.train.keep_checkpoints = 1  # toy runs keep the last one only
+  stage.train.async_save = False
+  stage.mesh.data = 1  # one device: the demo's model is far too small to split

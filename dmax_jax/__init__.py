@@ -1,6 +1,7 @@
 """dmax_jax: DMax (On-Policy Uniform Training and Soft Parallel Decoding) for LLaDA2-MoE in JAX."""
 
-from dmax_jax.model.config import ConfigError, ModelConfig, llada2_mini, load_hf_config
+from dmax_jax.model.config import ConfigError, ModelConfig, load_hf_config
+from dmax_jax.model.presets import llada2_mini
 from dmax_jax.checkpoints.converted import load_checkpoint, save_checkpoint
 from dmax_jax.decoding import SPD, Generation, Threshold, TraceStep, generate
 from dmax_jax.checkpoints.hf import CheckpointError, load_hf_checkpoint, save_hf_checkpoint

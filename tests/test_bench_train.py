@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from dmax_jax.model import config as config_lib
+from dmax_jax.model import presets
 from dmax_jax.training import diffusion
 from dmax_jax.apps.benchmarking import active_matmul_params, oput_step_flops
 from conftest import REPO
@@ -17,7 +17,7 @@ from conftest import REPO
 
 def test_useful_flops_by_hand():
   cfg = dataclasses.replace(
-      config_lib.llada2_mini(), vocab_size=100, hidden_size=8, num_hidden_layers=3, num_attention_heads=2,
+      presets.llada2_mini(), vocab_size=100, hidden_size=8, num_hidden_layers=3, num_attention_heads=2,
       num_key_value_heads=1, head_dim=4, intermediate_size=16, first_k_dense_replace=1, moe_intermediate_size=2,
       num_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, num_shared_experts=1)
   attn = 8 * (2 + 2) * 4 + 2 * 4 * 8  # qkv [8, 16] + o [8, 8]

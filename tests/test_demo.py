@@ -110,8 +110,8 @@ def test_bad_eval_runs_and_changed_settings_are_refused(tmp_path):
   config = toy_config()
   demo.check_workdir(config, str(tmp_path))
   demo.check_workdir(config, str(tmp_path))  # same settings: fine
-  config.oput.steps += 1
-  with pytest.raises(demo.DemoError, match=r"other settings \(oput.steps differ\)"):
+  config.oput.train.max_steps += 1
+  with pytest.raises(demo.DemoError, match=r"other settings \(oput.train.max_steps differ\)"):
     demo.check_workdir(config, str(tmp_path))
 
 
@@ -121,9 +121,9 @@ def toy_config():
   c.model.update(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                  intermediate_size=64, moe_intermediate_size=16, num_experts=4, n_group=2, topk_group=1)
   c.max_seq_len = 64
-  c.sft.steps, c.sft.batch_size = 3, 8
+  c.sft.train.max_steps, c.sft.train.global_batch_size = 3, 8
   c.distill.n_prompts, c.distill.batch_size = 8, 8
-  c.oput.steps, c.oput.batch_size = 2, 8
+  c.oput.train.max_steps, c.oput.train.global_batch_size = 2, 8
   c.eval.gen_length, c.eval.batch_size = 16, 8
   c.eval.threshold_thresholds = (0.5, 0.9)
   c.eval.spd_thresholds = (0.5,)

@@ -59,9 +59,9 @@ def _route_numpy(router, bias, x, n_group, topk_group, top_k, scale):
 @pytest.mark.parametrize("ties", [False, True])
 def test_route_equals_numpy_restatement(ties):
   """Group scores, group choice and top-k against sorts in NumPy; with ``ties``, many equal scores."""
-  from dmax_jax.model import config as config_lib
+  from dmax_jax.model import presets
   from dmax_jax.model import moe
-  cfg = config_lib.llada2_mini()
+  cfg = presets.llada2_mini()
   rng = np.random.default_rng(3)
   T, D, E = 64, 32, cfg.num_experts
   x = rng.standard_normal((T, D)).astype(np.float32)

@@ -38,7 +38,7 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from dmax_jax.model import config as config_lib  # pylint: disable=wrong-import-position
+from dmax_jax.model import presets  # pylint: disable=wrong-import-position
 from dmax_jax import decoding, sharding
 from dmax_jax.model import transformer as model
 from dmax_jax.model import params as params_lib  # pylint: disable=wrong-import-position
@@ -186,7 +186,7 @@ def main(argv=None):
                   help="print the N kernels taking the most device time in one forward, per routing and batch")
   args = ap.parse_args(argv)
 
-  cfg = config_lib.llada2_mini(compute_dtype="bfloat16")
+  cfg = presets.llada2_mini(compute_dtype="bfloat16")
   if args.tiny:
     cfg = dataclasses.replace(cfg, vocab_size=4096, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
                               num_key_value_heads=2, head_dim=32, intermediate_size=256, moe_intermediate_size=64,

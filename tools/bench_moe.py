@@ -34,7 +34,7 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from dmax_jax.model import config as config_lib  # pylint: disable=wrong-import-position
+from dmax_jax.model import presets  # pylint: disable=wrong-import-position
 from dmax_jax.model import moe  # pylint: disable=wrong-import-position
 from dmax_jax.apps.benchmarking import copy_bandwidth, time_fn  # pylint: disable=wrong-import-position
 from dmax_jax.model.kernels import moe_pallas  # pylint: disable=wrong-import-position
@@ -49,7 +49,7 @@ SWEEP_STAGES = (3, 4)
 def tiny_config(**numerics):
   """The golden fixture's shapes: D=64, E=16, F=32, top-4 (CPU smoke test)."""
   return dataclasses.replace(
-      config_lib.llada2_mini(**numerics), hidden_size=64, moe_intermediate_size=32, num_experts=16,
+      presets.llada2_mini(**numerics), hidden_size=64, moe_intermediate_size=32, num_experts=16,
       num_experts_per_tok=4, n_group=4, topk_group=2)
 
 
@@ -144,7 +144,7 @@ def main(argv=None):
   timing = dict(warmup=args.warmup if args.warmup is not None else (1 if tiny else 5),
                 iters=args.iters or (2 if tiny else 20), rounds=args.rounds or (3 if tiny else 15))
   dtype = jnp.dtype(args.dtype)
-  cfg = tiny_config(compute_dtype=args.dtype) if tiny else config_lib.llada2_mini(compute_dtype=args.dtype)
+  cfg = tiny_config(compute_dtype=args.dtype) if tiny else presets.llada2_mini(compute_dtype=args.dtype)
   E, X, D = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size
 
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, {args.dtype}")

@@ -38,7 +38,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from configs import oput_mini  # pylint: disable=wrong-import-position
 from dmax_jax import sharding
-from dmax_jax.model import config as config_lib
+from dmax_jax.model import presets
 from dmax_jax.training import diffusion
 from dmax_jax.model import transformer as model
 from dmax_jax.model import params as params_lib
@@ -55,7 +55,7 @@ def model_cfg(args, run):
   """The model of one run, ``BACKEND`` or ``BACKEND:ATTENTION`` (e.g. ``grouped:cudnn``)."""
   backend, _, attention = run.partition(":")
   arch = TINY if args.tiny else {}
-  return dataclasses.replace(config_lib.llada2_mini(compute_dtype="bfloat16", remat=True, moe_backend=backend,
+  return dataclasses.replace(presets.llada2_mini(compute_dtype="bfloat16", remat=True, moe_backend=backend,
                                                     attention=attention or "xla"), num_hidden_layers=args.layers, **arch)
 
 

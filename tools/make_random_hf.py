@@ -14,19 +14,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import numpy as np  # noqa: E402
 
+from dmax_jax.model import presets  # noqa: E402
 from dmax_jax.model.config import ModelConfig  # noqa: E402
 from dmax_jax.checkpoints.hf import save_hf_checkpoint  # noqa: E402
 from dmax_jax.model.params import param_shapes  # noqa: E402
-
-
-def mid_config(layers: int, hidden: int = 1024, experts: int = 64, expert_width: int = 512, vocab: int = 32768) -> ModelConfig:
-  return ModelConfig(
-      vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2,
-      head_dim=128, intermediate_size=4 * hidden, first_k_dense_replace=1, moe_intermediate_size=expert_width,
-      num_experts=experts, num_experts_per_tok=8, n_group=8, topk_group=4, num_shared_experts=1,
-      routed_scaling_factor=2.5, partial_rotary_factor=0.5, rope_theta=600000.0, rms_norm_eps=1e-6,
-      max_position_embeddings=4096, mask_token_id=vocab - 1, eos_token_id=vocab - 2, pad_token_id=vocab - 2,
-  )
 
 
 class RandomLeaf:
@@ -63,7 +54,8 @@ def main(argv=None) -> int:
   parser.add_argument("--expert-width", type=int, default=512)
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   args = parser.parse_args(argv)
-  make_random_hf(args.out, mid_config(args.layers, args.hidden, args.experts, args.expert_width), args.dtype)
+  cfg = presets.model_config(presets.mid(args.layers, args.hidden, args.experts, args.expert_width))
+  make_random_hf(args.out, cfg, args.dtype)
   return 0
 
 

@@ -48,7 +48,7 @@ def main(argv):
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   from dmax_jax import sharding
-  from dmax_jax.model import config as config_lib
+  from dmax_jax.model import presets
   from dmax_jax.model import moe
   from dmax_jax.model import params as params_lib
   from dmax_jax.training import trainer  # pylint: disable=import-outside-toplevel
@@ -61,7 +61,7 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if config.init_from in ("", None):  # no checkpoint at hand: the LLaDA-2.0-mini architecture itself
-    cfg = config_lib.llada2_mini(**trainer.numerics(config))
+    cfg = presets.llada2_mini(**trainer.numerics(config))
   else:
     try:
       cfg = trainer.model_config(config)

@@ -29,21 +29,21 @@ task, model and the stages' hyper-parameters; the training configs are
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import sys
 import time
 from typing import Optional, Sequence
 
+import ml_collections
 
+from dmax_jax import decoding
 from dmax_jax.apps import arith, evaluate, gsm8k, runner
 from dmax_jax.apps.records import RecordWriter, read_records
 from dmax_jax.tokenizer import LLADA2_CHAT_TEMPLATE, MATH_SUFFIX, compile_chat_template, train_tokenizer
 
 MODELS = ("base", "oput", "ablation")
-STRATEGIES = ("threshold", "spd")
+STRATEGIES = tuple(decoding.STRATEGIES)
 LABELS = {"base": "base", "oput": "OPUT", "ablation": "SFT on distilled (ablation)", "threshold": "threshold",
           "spd": "SPD"}
 
@@ -94,38 +94,15 @@ def make_tokenizer(config, workdir: str, train_path: str) -> str:
   return out
 
 
-def train_config(config, *, data_path: str, tokenizer_dir: str, init_from: str, objective, steps: int,
-                 batch_size: int, lr: float, warmup_ratio: float):
-  """A ``configs/base.py`` training config for one demo stage."""
-  from configs import base  # pylint: disable=import-outside-toplevel
-
-  c = base.get_config()
-  c.init_from = init_from
-  if init_from == "scratch":
-    c.model.update(config.model.to_dict())
-    c.model.vocab_size = config.tokenizer_vocab
-    c.model.eos_token_id = c.model.pad_token_id = config.tokenizer_vocab - 2
-    c.model.mask_token_id = config.tokenizer_vocab - 1
-  c.compute_dtype = config.compute_dtype
-  c.moe_backend = config.moe_backend
-  c.remat = False
+def stage_config(stage, *, data_path: str, tokenizer_dir: str, init_from: str = "", **objective):
+  """A demo stage's training config (``config.sft`` / ``config.oput``: ordinary training configs) as a plain copy
+  with this run's paths filled in; ``init_from`` (when given) and ``objective`` keys replace the stage's."""
+  c = ml_collections.ConfigDict(stage.to_dict())  # references to the demo-wide keys resolved
   c.data.path = data_path
   c.data.tokenizer = tokenizer_dir
-  c.data.max_seq_len = config.max_seq_len
-  c.data.prompt_suffix = MATH_SUFFIX  # the evaluation's prompt (tools/evaluate.py appends it too)
+  if init_from:
+    c.init_from = init_from
   c.objective.update(objective)
-  c.objective.block_length = config.block_length
-  c.optim.lr = lr
-  c.optim.warmup_ratio = warmup_ratio
-  c.optim.weight_decay = 0.0
-  c.train.global_batch_size = batch_size
-  c.train.micro_batch_size = batch_size
-  c.train.max_steps = steps
-  c.train.seed = config.seed
-  c.train.save_every = max(steps // 4, 25)  # a few checkpoints to resume from; toy runs save the last only
-  c.train.keep_checkpoints = 1
-  c.train.async_save = False
-  c.mesh.data = 1  # one device: the demo's model is far too small to split
   return c
 
 
@@ -146,11 +123,7 @@ def train_stage(name: str, tcfg, workdir: str, out: str, tokenizer_dir: str, pro
 
 
 def sft(config, workdir, train_path, tokenizer_dir, progress=True) -> str:
-  s = config.sft
-  tcfg = train_config(
-      config, data_path=train_path, tokenizer_dir=tokenizer_dir, init_from="scratch", steps=s.steps,
-      batch_size=s.batch_size, lr=s.lr, warmup_ratio=s.warmup_ratio,
-      objective=dict(oput=False, noise_low=s.noise_low, noise_high=s.noise_high, only_masked=s.only_masked))
+  tcfg = stage_config(config.sft, data_path=train_path, tokenizer_dir=tokenizer_dir)
   return train_stage("sft", tcfg, workdir, "base", tokenizer_dir, progress)
 
 
@@ -200,21 +173,14 @@ def ablation(config, workdir, data_path, base_dir, tokenizer_dir, progress=True)
 
 
 def _fine_tune(config, name, out, on_policy, workdir, data_path, base_dir, tokenizer_dir, progress) -> str:
-  """Trains from base/ on the distilled data with config.oput's steps, batch, learning rate and fixed noise.
+  """Trains from base/ on the distilled data with ``config.oput`` (its steps, batch, learning rate, fixed noise).
 
   ``on_policy``: OPUT (half the batch sees its own argmax guesses where the
   masks were); else the same data and noise with masks only (plain SFT).
   """
-  o = config.oput
-  tcfg = train_config(
-      config, data_path=data_path, tokenizer_dir=tokenizer_dir, init_from=base_dir, steps=o.steps,
-      batch_size=o.batch_size, lr=o.lr, warmup_ratio=o.warmup_ratio,
-      objective=dict(oput=on_policy, noise_low=o.noise, noise_high=o.noise, only_masked=False))
+  tcfg = stage_config(config.oput, data_path=data_path, tokenizer_dir=tokenizer_dir, init_from=base_dir,
+                      oput=on_policy)
   return train_stage(name, tcfg, workdir, out, tokenizer_dir, progress)
-
-
-def _fmt(values) -> str:
-  return ",".join(str(float(v)) for v in values)
 
 
 def eval_paths(workdir: str, model: str, strategy: str) -> tuple[str, str]:
@@ -224,7 +190,8 @@ def eval_paths(workdir: str, model: str, strategy: str) -> tuple[str, str]:
 
 
 def thresholds(config, strategy: str) -> list[float]:
-  return [float(t) for t in (config.eval.spd_thresholds if strategy == "spd" else config.eval.threshold_thresholds)]
+  """The thresholds ``strategy`` is swept over: ``config.eval.STRATEGY_thresholds``."""
+  return [float(t) for t in config.eval[f"{strategy}_thresholds"]]
 
 
 def eval_runs(config) -> list[tuple[str, str]]:
@@ -243,29 +210,23 @@ def eval_runs(config) -> list[tuple[str, str]]:
 
 
 def evaluate_all(config, workdir: str, test_path: str, models: dict, progress: bool = True) -> list[dict]:
-  """Runs ``tools/evaluate.py`` (its library entry point) per (model, strategy); returns all rows.
-
-  Its per-run tables are kept out of stdout (they are in eval/MODEL/STRATEGY.md):
-  the demo prints one table at the end.
-  """
+  """Runs the evaluation (``evaluate.evaluate``, what ``tools/evaluate.py`` runs) per (model, strategy); returns
+  all rows. Each run's table is in eval/MODEL/STRATEGY.md; the demo prints one table at the end."""
   e = config.eval
   rows = []
   for model, strategy in eval_runs(config):
-    ckpt = models[model]
     records, prefix = eval_paths(workdir, model, strategy)
     if not _done(prefix + ".json", f"eval {model} {strategy}"):  # (runner.run compiles outside its timers)
       os.makedirs(os.path.dirname(records), exist_ok=True)
-      argv = ["--checkpoint", ckpt, "--data", test_path, "--output", records, "--report", prefix,
-              "--strategies", strategy, "--thresholds", _fmt(thresholds(config, strategy)),
-              "--gen-length", str(e.gen_length), "--block-length", str(config.block_length),
-              "--batch-size", str(e.batch_size), "--confidence-stop", str(e.confidence_stop),
-              "--dtype", e.dtype, "--seed", str(config.seed)]
-      if not progress:
-        argv.append("--no-progress")
-      with contextlib.redirect_stdout(io.StringIO()):
-        code = evaluate.main(argv)
-      if code != 0:
-        raise DemoError(f"evaluation of {model} with {strategy} failed (exit code {code}); see the errors above")
+      result = evaluate.evaluate(
+          checkpoint=models[model], data=test_path, output=records, report=prefix,
+          strategies=[runner.make_strategy(strategy, t, e.confidence_stop) for t in thresholds(config, strategy)],
+          gen_length=e.gen_length, block_length=config.block_length, batch_size=e.batch_size, dtype=e.dtype,
+          seed=config.seed, progress=progress)
+      for line in [f"warning: {n}" for n in result.notes] + [f"error: {err}" for err in result.errors]:
+        print(line, file=sys.stderr)
+      if result.errors or result.report is None:
+        raise DemoError(f"evaluation of {model} with {strategy} failed; see the errors above")
     with open(prefix + ".json") as f:
       rows += [dict(r, model=model) for r in json.load(f)["results"]]
   return rows
@@ -335,7 +296,7 @@ def _pct(x: float) -> str:
 def _describe(p: Optional[dict]) -> str:
   if p is None:
     return "none"
-  return f"{LABELS[p['model']]} + {LABELS[p['strategy']]} {p['threshold']:g} ({_pct(p['accuracy'])}, TPF {p['tpf']:.2f})"
+  return f"{LABELS[p['model']]} + {LABELS.get(p['strategy'], p['strategy'])} {p['threshold']:g} ({_pct(p['accuracy'])}, TPF {p['tpf']:.2f})"
 
 
 def summary(fig: dict) -> str:
@@ -416,7 +377,7 @@ def plot(rows: list[dict], fig_data: dict, path: str) -> Optional[str]:
     if not pts:
       continue
     ax.plot([r["tpf"] for r in pts], [100 * r["accuracy"] for r in pts], marker=marker, linestyle=line, color=color,
-            label=f"{LABELS[model]} + {LABELS[strategy]}")
+            label=f"{LABELS[model]} + {LABELS.get(strategy, strategy)}")
     labels += [(f"{r['threshold']:g}", (r["tpf"], 100 * r["accuracy"]), False) for r in pts]
   named = []
   for key, caption in (("b", "(b)"), ("c", "(c)")):

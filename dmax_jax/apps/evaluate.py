@@ -20,6 +20,7 @@ excluded).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from dmax_jax import decoding
 from dmax_jax.apps import cli
 from dmax_jax.apps import gsm8k
 from dmax_jax.apps import runner
@@ -100,6 +102,79 @@ def markdown_table(rows: Sequence[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+@dataclasses.dataclass
+class Evaluation:
+  """What ``evaluate`` did: a summary row per strategy, the per-question problems, where the report went."""
+
+  rows: list[dict]  # ``summarize`` per strategy, in the order given
+  table: str  # the rows as a Markdown table
+  errors: list[str]  # "FILE:LINE: problem" per question that failed or was rejected, and run-level problems
+  notes: list[str]  # warnings (unknown input fields)
+  questions: int
+  rejected: int  # questions rejected as too long before decoding
+  report: Optional[str]  # the report prefix (PREFIX.json, PREFIX.md); None when no report was written
+
+
+def evaluate(*, checkpoint: str, data: str, output: str, strategies: Sequence, report: Optional[str] = None,
+             gen_length: int = 256, block_length: int = 32, batch_size: int = 8, dtype: str = "float32",
+             seed: int = 0, limit: Optional[int] = None, progress: bool = True) -> Evaluation:
+  """Decodes every question of ``data`` under each strategy (``decoding`` strategy objects) into ``output``
+  (resumed) and writes the report to ``report`` (default: ``output``'s stem) unless nothing could be decoded.
+
+  Raises ``runner.UsageError`` for run-level problems (files, checkpoint, settings).
+  """
+  if not strategies:
+    raise runner.UsageError("no (strategy, threshold) to evaluate")
+  if limit is not None and limit <= 0:
+    raise runner.UsageError(f"limit must be positive, got {limit}")
+  if not os.path.isfile(data):
+    raise runner.UsageError(f"{data}: no such file")
+  prefix = report or os.path.splitext(output)[0]
+  for path in (prefix + ".json", prefix + ".md"):
+    check_writable(path)
+  run = dict(gen_length=gen_length, block_length=block_length)
+  with RecordWriter(output, runner.KEY_FIELDS) as writer:  # checked before the model loads
+    config, params, tokenizer = runner.load_model(checkpoint, dtype)
+    notes = []
+    questions, errors = read_gsm8k(data, tokenizer, limit, notes)
+    requests, too_long = runner.check_prompts(questions, config, gen_length, block_length)
+    result = Evaluation([], "", errors, notes, len(questions), len(too_long), None)
+    if questions and not requests:
+      errors.append(f"{data}: all {len(questions)} questions rejected, so no report was written; the first: "
+                    f"{too_long[0]}")
+      return result
+    errors += too_long
+    key = runner.checkpoint_settings(checkpoint, dtype, seed)
+    for strategy in strategies:
+      out = runner.run(requests, params=params, config=config, tokenizer=tokenizer, strategy=strategy,
+                       batch_size=batch_size, writer=writer, seed=seed, progress=progress, annotate=score,
+                       settings=key, desc=f"{decoding.name_of(strategy)} {strategy.threshold}", **run)
+      errors += out.errors
+  records = read_records(output)
+  result.rows = [summarize(select(records, requests, runner.decoding_settings(st, settings=key, **run)),
+                           decoding.name_of(st), st.threshold, len(questions), len(too_long)) for st in strategies]
+  if not any(r["n"] for r in result.rows):
+    errors.append(f"{data}: no question could be decoded, so no report was written")
+    return result
+  result.table, result.report = markdown_table(result.rows), prefix
+  _write_report(result, checkpoint=checkpoint, data=data, **run)
+  return result
+
+
+def _write_report(result: Evaluation, *, checkpoint, data, gen_length, block_length) -> None:
+  prefix = result.report
+  report = {"checkpoint": checkpoint, "data": data, "gen_length": gen_length, "block_length": block_length,
+            "questions": result.questions, "rejected": result.rejected, "results": result.rows}
+  write_atomic(prefix + ".json", json.dumps(report, indent=2))
+  rejected = (f"; {result.rejected} of {result.questions} questions rejected as too long, counted as wrong"
+              if result.rejected else "")
+  write_atomic(prefix + ".md", f"GSM8K `{data}` with `{checkpoint}` (gen length {gen_length}, "
+                               f"block {block_length}{rejected})\n\n{result.table}")
+
+
+# ---------------------------------------------------------------- command line
+
+
 def _floats(text: str, flag: str) -> list[float]:
   try:
     return [float(t) for t in text.split(",") if t.strip()]
@@ -112,7 +187,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--data", required=True, help="GSM8K-format JSONL ({question, answer})")
   p.add_argument("--output", required=True, help="records JSONL (resumed if it exists)")
   p.add_argument("--report", help="report path prefix (writes PREFIX.json and PREFIX.md); default: --output's stem")
-  p.add_argument("--strategies", default="spd,threshold", help="comma-separated: spd, threshold")
+  p.add_argument("--strategies", default="spd,threshold", help=f"comma-separated: {', '.join(decoding.STRATEGIES)}")
   p.add_argument("--thresholds", default="0.5,0.7,0.9", help="comma-separated thresholds")
   p.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
   cli.add_decoding_args(p)
@@ -122,61 +197,23 @@ def parser() -> argparse.ArgumentParser:
 def _evaluate(args) -> int:
   t0 = time.perf_counter()
   cli.check_decoding_args(args)
-  strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-  configs = [(s, runner.make_strategy(s, t, args.confidence_stop, args.temperature))
-             for s in strategies for t in _floats(args.thresholds, "--thresholds")]
-  if not configs:
-    raise runner.UsageError("no (strategy, threshold) to evaluate")
   if args.limit is not None and args.limit <= 0:
     raise runner.UsageError(f"--limit must be positive, got {args.limit}")
-  if not os.path.isfile(args.data):
-    raise runner.UsageError(f"{args.data}: no such file")
-  prefix = args.report or os.path.splitext(args.output)[0]
-  for path in (prefix + ".json", prefix + ".md"):
-    check_writable(path)
-  with RecordWriter(args.output, runner.KEY_FIELDS) as writer:  # checked before the model loads
-    config, params, tokenizer = runner.load_model(args.checkpoint, args.dtype)
-    notes = []
-    questions, errors = read_gsm8k(args.data, tokenizer, args.limit, notes)
-    cli.report_notes(notes)
-    requests, too_long = runner.check_prompts(questions, config, args.gen_length, args.block_length)
-    if questions and not requests:
-      cli.report_errors(errors)
-      cli.report_errors([f"{args.data}: all {len(questions)} questions rejected, so no report was written; "
-                         f"the first: {too_long[0]}"])
-      return 1
-    errors += too_long
-    cli.report_errors(errors)
-    checkpoint = runner.checkpoint_settings(args.checkpoint, args.dtype, args.seed)
-    for name, strategy in configs:
-      result = runner.run(
-          requests, params=params, config=config, tokenizer=tokenizer, strategy=strategy,
-          gen_length=args.gen_length, block_length=args.block_length, batch_size=args.batch_size, writer=writer,
-          seed=args.seed, desc=f"{name} {strategy.threshold}", progress=not args.no_progress, annotate=score,
-          settings=checkpoint)
-      cli.report_errors(result.errors)
-      errors += result.errors
-  records = read_records(args.output)
-  rows = []
-  for name, strategy in configs:
-    settings = runner.decoding_settings(strategy, args.gen_length, args.block_length, checkpoint)
-    rows.append(summarize(select(records, requests, settings), name, strategy.threshold, len(questions),
-                          len(too_long)))
-  if not any(r["n"] for r in rows):
-    cli.report_errors([f"{args.data}: no question could be decoded, so no report was written"])
+  names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+  strategies = [runner.make_strategy(s, t, args.confidence_stop, args.temperature)
+                for s in names for t in _floats(args.thresholds, "--thresholds")]
+  result = evaluate(checkpoint=args.checkpoint, data=args.data, output=args.output, strategies=strategies,
+                    report=args.report, gen_length=args.gen_length, block_length=args.block_length,
+                    batch_size=args.batch_size, dtype=args.dtype, seed=args.seed, limit=args.limit,
+                    progress=not args.no_progress)
+  cli.report_notes(result.notes)
+  cli.report_errors(result.errors)
+  if result.report is None:
     return 1
-  table = markdown_table(rows)
-  report = {"checkpoint": args.checkpoint, "data": args.data, "gen_length": args.gen_length,
-            "block_length": args.block_length, "questions": len(questions), "rejected": len(too_long),
-            "results": rows}
-  write_atomic(prefix + ".json", json.dumps(report, indent=2))
-  rejected = (f"; {len(too_long)} of {len(questions)} questions rejected as too long, counted as wrong"
-              if too_long else "")
-  write_atomic(prefix + ".md", f"GSM8K `{args.data}` with `{args.checkpoint}` (gen length {args.gen_length}, "
-                               f"block {args.block_length}{rejected})\n\n{table}")
-  print(table, end="")
-  print(f"report: {prefix}.json, {prefix}.md; total wall {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-  return 1 if errors else 0
+  print(result.table, end="")
+  print(f"report: {result.report}.json, {result.report}.md; total wall {time.perf_counter() - t0:.1f} s",
+        file=sys.stderr)
+  return 1 if result.errors else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -244,32 +244,3 @@ def load_hf_config(path: str, **numerics) -> ModelConfig:
   except json.JSONDecodeError as e:
     raise ConfigError(f"{path}: not valid JSON ({e})") from None
   return ModelConfig.from_hf_dict(d, source=path, **numerics)
-
-
-def llada2_mini(**numerics) -> ModelConfig:
-  """The LLaDA-2.0-mini (and DMax-16B) architecture, from its config.json."""
-  return ModelConfig(
-      vocab_size=157184,
-      hidden_size=2048,
-      num_hidden_layers=20,
-      num_attention_heads=16,
-      num_key_value_heads=4,
-      head_dim=128,
-      intermediate_size=5120,
-      first_k_dense_replace=1,
-      moe_intermediate_size=512,
-      num_experts=256,
-      num_experts_per_tok=8,
-      n_group=8,
-      topk_group=4,
-      num_shared_experts=1,
-      routed_scaling_factor=2.5,
-      partial_rotary_factor=0.5,
-      rope_theta=600000.0,
-      rms_norm_eps=1e-6,
-      max_position_embeddings=16384,
-      mask_token_id=156895,
-      eos_token_id=156892,
-      pad_token_id=156892,
-      **numerics,
-  )
