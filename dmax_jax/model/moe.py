@@ -1,7 +1,9 @@
 """Mixture of experts: routing, dispatch, expert matmuls, combine.
 
-Shape letters: T tokens (flattened batch x length), D model width, E experts,
-F expert width, X experts per token (top-k), R = T*X sorted (token, expert) rows.
+Shape letters: the package glossary (``dmax_jax/shapes.py``); here T tokens
+(flattened batch x length), D model width, E experts, F expert width, X experts
+per token (top-k), M = T*X sorted (token, expert) rows, J and N a grouped
+matmul's input and output widths.
 
 ``moe_mlp`` is the one entry point (training and decoding both call it). The
 routed experts run through one of three backends (``cfg.moe_backend``), each of
@@ -81,20 +83,20 @@ def learned_route(router_w_DE, expert_bias_E, x_TD, cfg: ModelConfig):
   biased_TE = scores_TE + expert_bias_E.astype(logits_TE.dtype)
 
   T, E = biased_TE.shape
-  G = cfg.n_group
-  grouped_TGN = biased_TE.reshape(T, G, E // G)
+  Y = cfg.n_group
+  grouped_TYZ = biased_TE.reshape(T, Y, E // Y)
   # A group's score is the sum of its two best biased scores (the best, plus the best of the rest).
-  best_TG = jnp.max(grouped_TGN, axis=-1)
-  group_score_TG = best_TG
-  if E // G > 1:
-    first_best = jnp.arange(E // G) == jnp.argmax(grouped_TGN, axis=-1)[..., None]
-    group_score_TG = best_TG + jnp.max(jnp.where(first_best, -jnp.inf, grouped_TGN), axis=-1)
+  best_TY = jnp.max(grouped_TYZ, axis=-1)
+  group_score_TY = best_TY
+  if E // Y > 1:
+    first_best = jnp.arange(E // Y) == jnp.argmax(grouped_TYZ, axis=-1)[..., None]
+    group_score_TY = best_TY + jnp.max(jnp.where(first_best, -jnp.inf, grouped_TYZ), axis=-1)
   # Keep the topk_group best groups, ties to the lower index (as lax.top_k), by counting the groups
   # ranked ahead of each: elementwise work XLA fuses, instead of a sort-based top_k and a scatter.
-  ahead_TGG = (group_score_TG[:, None, :] > group_score_TG[:, :, None]) | (
-      (group_score_TG[:, None, :] == group_score_TG[:, :, None]) & (jnp.arange(G)[None, :] < jnp.arange(G)[:, None]))
-  keep_TG = jnp.sum(ahead_TGG, axis=-1) < cfg.topk_group
-  keep_TE = jnp.repeat(keep_TG, E // G, axis=1)
+  ahead_TYY = (group_score_TY[:, None, :] > group_score_TY[:, :, None]) | (
+      (group_score_TY[:, None, :] == group_score_TY[:, :, None]) & (jnp.arange(Y)[None, :] < jnp.arange(Y)[:, None]))
+  keep_TY = jnp.sum(ahead_TYY, axis=-1) < cfg.topk_group
+  keep_TE = jnp.repeat(keep_TY, E // Y, axis=1)
   masked_TE = jnp.where(keep_TE, biased_TE, -jnp.inf)
   _, idx_TX = jax.lax.top_k(masked_TE, cfg.num_experts_per_tok)
 
@@ -155,27 +157,27 @@ def kernel_memory_stand_in():
 
 
 @jax.custom_vjp
-def _stand_in_ragged_dot(x_RK, w_EKN, group_sizes_E):
-  out = jax.ShapeDtypeStruct((x_RK.shape[0], w_EKN.shape[2]), x_RK.dtype)
-  return jax.pure_callback(lambda *_: np.zeros(out.shape, out.dtype), out, x_RK, w_EKN, group_sizes_E)
+def _stand_in_ragged_dot(x_MJ, w_EJN, group_sizes_E):
+  out = jax.ShapeDtypeStruct((x_MJ.shape[0], w_EJN.shape[2]), x_MJ.dtype)
+  return jax.pure_callback(lambda *_: np.zeros(out.shape, out.dtype), out, x_MJ, w_EJN, group_sizes_E)
 
 
-def _stand_in_fwd(x_RK, w_EKN, group_sizes_E):
-  return _stand_in_ragged_dot(x_RK, w_EKN, group_sizes_E), (x_RK, w_EKN, group_sizes_E)
+def _stand_in_fwd(x_MJ, w_EJN, group_sizes_E):
+  return _stand_in_ragged_dot(x_MJ, w_EJN, group_sizes_E), (x_MJ, w_EJN, group_sizes_E)
 
 
-def _stand_in_bwd(res, ct_RN):
+def _stand_in_bwd(res, ct_MN):
   x, w, g = res
   shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, w.dtype))
-  dx, dw = jax.pure_callback(lambda *_: tuple(np.zeros(s.shape, s.dtype) for s in shapes), shapes, x, w, g, ct_RN)
+  dx, dw = jax.pure_callback(lambda *_: tuple(np.zeros(s.shape, s.dtype) for s in shapes), shapes, x, w, g, ct_MN)
   return x * 0 + dx, w * 0 + dw, None  # "* 0 +": the cotangents vary over the mesh axes their inputs vary over
 
 
 _stand_in_ragged_dot.defvjp(_stand_in_fwd, _stand_in_bwd)
 
 
-def ragged_dot(x_RK, w_EKN, group_sizes_E):
-  """``[R, N]``: rows ``x`` in consecutive groups, group e multiplied by ``w[e]``; rows past the groups are 0.
+def ragged_dot(x_MJ, w_EJN, group_sizes_E):
+  """``[M, N]``: rows ``x`` in consecutive groups, group e multiplied by ``w[e]``; rows past the groups are 0.
 
   ``tokamax.ragged_dot`` where tokamax is installed (it picks its kernel per
   platform: Mosaic GPU on Hopper and later, XLA elsewhere); otherwise
@@ -183,11 +185,11 @@ def ragged_dot(x_RK, w_EKN, group_sizes_E):
   GPUs (BENCHMARKS.md).
   """
   if _MEMORY_STAND_IN[0]:
-    return _stand_in_ragged_dot(x_RK, w_EKN, group_sizes_E)
+    return _stand_in_ragged_dot(x_MJ, w_EJN, group_sizes_E)
   tokamax = _tokamax()
   if tokamax is not None:
-    return tokamax.ragged_dot(x_RK, w_EKN, group_sizes_E)
-  return jax.lax.ragged_dot(x_RK, w_EKN, group_sizes_E)
+    return tokamax.ragged_dot(x_MJ, w_EJN, group_sizes_E)
+  return jax.lax.ragged_dot(x_MJ, w_EJN, group_sizes_E)
 
 
 def sort_by_expert(idx_TX, num_experts):
@@ -211,21 +213,21 @@ def _grouped_rows(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD):
   T, X = idx_TX.shape
   E = w_gate_EDF.shape[0]
   order, token, group_sizes = sort_by_expert(idx_TX, E)
-  xs_RD = x_TD[token]
-  gate_RF = ragged_dot(xs_RD, w_gate_EDF.astype(dtype), group_sizes)
-  up_RF = ragged_dot(xs_RD, w_up_EDF.astype(dtype), group_sizes)
-  ys_RD = ragged_dot(_swiglu(gate_RF, up_RF), w_down_EFD.astype(dtype), group_sizes)
+  xs_MD = x_TD[token]
+  gate_MF = ragged_dot(xs_MD, w_gate_EDF.astype(dtype), group_sizes)
+  up_MF = ragged_dot(xs_MD, w_up_EDF.astype(dtype), group_sizes)
+  ys_MD = ragged_dot(_swiglu(gate_MF, up_MF), w_down_EFD.astype(dtype), group_sizes)
   valid_TX = (idx_TX >= 0) & (idx_TX < E)
-  return combine_sorted(ys_RD, order, jnp.where(valid_TX, w_TX, 0.0), T, valid_TX)
+  return combine_sorted(ys_MD, order, jnp.where(valid_TX, w_TX, 0.0), T, valid_TX)
 
 
-def combine_sorted(ys_RD, order, w_TX, T, valid_TX=None):
+def combine_sorted(ys_MD, order, w_TX, T, valid_TX=None):
   """Un-sorts expert outputs and sums them per token with the combine weights (fp32).
 
   Rows of pairs where ``valid_TX`` is False are dropped (whatever they hold).
   """
   X = w_TX.shape[1]
-  unsorted = jnp.zeros_like(ys_RD).at[order].set(ys_RD)
+  unsorted = jnp.zeros_like(ys_MD).at[order].set(ys_MD)
   y_TXD = unsorted.reshape(T, X, -1).astype(w_TX.dtype)
   if valid_TX is not None:
     y_TXD = jnp.where(valid_TX[..., None], y_TXD, 0.0)

@@ -15,9 +15,8 @@ and either the dense SwiGLU MLP
   gate [D, I], up [D, I], down [I, D]
 or the MoE block
   router [D, E], expert_bias [E], w_gate [E, D, F], w_up [E, D, F], w_down [E, F, D],
-  shared_gate [D, S], shared_up [D, S], shared_down [S, D]
-(letters: V vocab, D hidden, H heads, G kv heads, R head_dim, I dense width,
-E experts, F expert width, S shared-expert width). Linear weights are stored
+  shared_gate [D, C], shared_up [D, C], shared_down [C, D]
+(shape letters: the package glossary, ``dmax_jax/shapes.py``). Linear weights are stored
 ``[in, out]`` (``y = x @ W``), the transpose of PyTorch's layout.
 """
 
@@ -55,8 +54,8 @@ def layer_shapes(cfg: ModelConfig, kind: str) -> dict[str, tuple[int, ...]]:
     E, F = cfg.num_experts, cfg.moe_intermediate_size
     shapes.update(router=(D, E), expert_bias=(E,), w_gate=(E, D, F), w_up=(E, D, F), w_down=(E, F, D))
     if cfg.num_shared_experts:
-      S = cfg.shared_intermediate_size
-      shapes.update(shared_gate=(D, S), shared_up=(D, S), shared_down=(S, D))
+      C = cfg.shared_intermediate_size
+      shapes.update(shared_gate=(D, C), shared_up=(D, C), shared_down=(C, D))
   else:
     raise ValueError(kind)
   return shapes

@@ -1,7 +1,8 @@
 """The LLaDA2-MoE forward pass as pure functions over the parameter pytree.
 
-Shape letters: B batch, L query length, S key length (cache or sequence), D
-model width, H attention heads, G key/value heads, R head_dim, V vocab.
+Shape letters: the package glossary (``dmax_jax/shapes.py``); here B batch, L
+query length, S key length (cache or sequence), D model width, H attention
+heads, G key/value heads, R head_dim, V vocab.
 
 Attention masks are boolean, True = the query (row) may attend to the key
 (column), so full, block-causal and the training ``[x_t ; x_0]`` attention are

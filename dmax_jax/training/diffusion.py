@@ -1,7 +1,8 @@
 """Block-diffusion training primitives, independent of the model.
 
-Shape letters: B batch, L sequence length (one half of the ``[x_t ; x_0]``
-input), T = 2L, V vocab. Glossary:
+Shape letters: the package glossary (``dmax_jax/shapes.py``); here B batch, L
+sequence length (one half of the ``[x_t ; x_0]`` input, which is 2L long),
+V vocab. Glossary:
 
 - x_0: the clean token ids (prompt, answer, eos padding).
 - prompt: the leading positions that are never noised and never labelled.

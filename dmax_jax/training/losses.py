@@ -1,6 +1,6 @@
 """Block-diffusion SFT and OPUT losses.
 
-Shape letters as in ``diffusion.py`` (B batch, L half length, V vocab).
+Shape letters: the package glossary (``dmax_jax/shapes.py``); B batch, L half length, V vocab.
 
 The losses return a *sum* of per-position cross-entropies and the number of
 positions it covers, so a step can divide once by the labelled-position count

@@ -7,9 +7,9 @@ Train state (a dict, saved whole by ``TrainCheckpointer``):
   data_position  [epoch, index] of the next batch (see ``data.DataPosition``)
   rng            the run's base PRNG key; step s uses fold_in(rng, s)
 
-One step takes a global batch of G sequences laid out ``[A, M, L]``: A
-micro-steps (gradient accumulation, a ``lax.scan``) of M = micro_batch_size x
-batch shards rows each. Every row's noise comes from fold_in(step key, row),
+One step takes a global batch of A x B sequences laid out ``[A, B, L]``: A
+micro-steps (gradient accumulation, a ``lax.scan``) of B = micro_batch_size x
+batch shards rows each (shape letters: ``dmax_jax/shapes.py``). Every row's noise comes from fold_in(step key, row),
 and the loss is the cross-entropy sum over the global batch divided by its
 labelled-position count, so the step is the same for any A and any mesh.
 
@@ -127,7 +127,7 @@ def objective_from(config) -> losses.Objective:
 
 
 def make_step_fn(cfg: ModelConfig, obj: losses.Objective, tx: optax.GradientTransformation, schedule):
-  """``step(state, batch) -> (state, metrics)`` (not jitted); ``batch`` leaves are ``[A, M, ...]``."""
+  """``step(state, batch) -> (state, metrics)`` (not jitted); ``batch`` leaves are ``[A, B, ...]``."""
 
   def micro(params, step_key, acc, mb):
     keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(mb["row"])
@@ -252,7 +252,7 @@ def plan(config, mesh, num_examples: int) -> Plan:
 
 
 def shape_batch(batch: dict, p: Plan) -> dict:
-  """Host batch [G, ...] -> [A, M, ...] plus each row's index in the global batch."""
+  """Host batch [A x B, ...] -> [A, B, ...] plus each row's index in the global batch."""
   out = {k: np.asarray(v) for k, v in batch.items()}
   out["row"] = np.arange(p.global_batch, dtype=np.int32)
   return {k: v.reshape((p.accum, p.micro_rows) + v.shape[1:]) for k, v in out.items()}
@@ -342,16 +342,16 @@ def put_batch(batch: dict, mesh) -> dict:
 
 
 def _batch_shardings(mesh, batch):
-  """Shardings of a shaped ``[A, M, ...]`` batch: the micro-batch rows (dim 1) split over the batch axes."""
+  """Shardings of a shaped ``[A, B, ...]`` batch: the micro-batch rows (dim 1) split over the batch axes."""
   return sharding.batch_shardings(mesh, batch, batch_dim=1)
 
 
 def abstract_batch(mesh, p: Plan, seq_len: int) -> dict:
   """Shapes, dtypes and shardings of one step's batch (``put_batch(shape_batch(...))``), for ahead-of-time compiles."""
-  G = p.global_batch
-  host = shape_batch(data_lib.Dataset(ids=np.zeros((G, seq_len), np.int32), prompt_len=np.zeros(G, np.int32),
-                                      labels=np.zeros((G, seq_len), np.int32), on_policy=np.zeros(G, bool)).take(
-                                          np.arange(G)), p)
+  n = p.global_batch
+  host = shape_batch(data_lib.Dataset(ids=np.zeros((n, seq_len), np.int32), prompt_len=np.zeros(n, np.int32),
+                                      labels=np.zeros((n, seq_len), np.int32), on_policy=np.zeros(n, bool)).take(
+                                          np.arange(n)), p)
   return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), host,
                       _batch_shardings(mesh, host))
 

@@ -1,8 +1,8 @@
 """Routed experts as two Pallas grouped matmuls that skip untouched experts.
 
-Shape letters as in ``dmax_jax/model/moe.py`` (T tokens, D model width, E experts,
-F expert width, X experts per token), plus R = T*X sorted (token, expert)
-rows, P padded rows, B row blocks (P = B * block_rows).
+Shape letters: the package glossary (``dmax_jax/shapes.py``): T tokens, D model
+width, E experts, F expert width, X experts per token, M = T*X sorted
+(token, expert) rows, P padded rows, Q row blocks (P = Q * block_rows).
 
 Why: decoding runs the MoE on a few dozen tokens, so a layer is bound by
 reading expert weights. ``jax.lax.ragged_dot`` is lowered by XLA on NVIDIA
@@ -12,10 +12,10 @@ expert's weights are read once (from HBM; repeated row blocks of one expert
 find them in L2) and untouched experts cost nothing.
 
 Layout (all static shapes, jit-able):
-1. The R (token, expert) pairs are sorted by expert and each expert's group
+1. The M (token, expert) pairs are sorted by expert and each expert's group
    is padded to a multiple of ``block_rows`` rows, so every row block belongs
    to one expert. The number of blocks is bounded statically by
-   ``B = (R + min(E, R) * (block_rows - 1)) // block_rows``; blocks past the
+   ``Q = (M + min(E, M) * (block_rows - 1)) // block_rows``; blocks past the
    used ones are skipped inside the kernels (``pl.when``).
 2. Kernel A (grid: row block x F tile): ``h = silu(x @ Wg[e]) * (x @ Wu[e])``
    with fp32 accumulation and SwiGLU in fp32, cast to the compute dtype.
@@ -85,25 +85,25 @@ def num_row_blocks(rows: int, num_experts: int, block_rows: int) -> int:
   return (rows + min(num_experts, rows) * (block_rows - 1)) // block_rows
 
 
-def _rank_and_sizes(flat_R, num_experts: int, method: str):
+def _rank_and_sizes(flat_M, num_experts: int, method: str):
   """(for each pair, how many earlier pairs chose the same expert; pairs per expert [E]).
 
   Ids >= ``num_experts`` belong to no expert (not counted). ``compare`` counts
-  over an [R, R] comparison (fused reduces, no sort: the fast path at decoding
-  sizes); ``sort`` goes through a stable argsort (memory linear in R: prefill
+  over an [M, M] comparison (fused reduces, no sort: the fast path at decoding
+  sizes); ``sort`` goes through a stable argsort (memory linear in M: prefill
   and training sizes).
   """
-  R = flat_R.shape[0]
-  ar = jnp.arange(R, dtype=jnp.int32)
+  M = flat_M.shape[0]
+  ar = jnp.arange(M, dtype=jnp.int32)
   if method == "compare":
-    earlier_same = (flat_R[None, :] == flat_R[:, None]) & (ar[None, :] < ar[:, None])
-    size_E = jnp.sum(flat_R[:, None] == jnp.arange(num_experts, dtype=jnp.int32)[None, :], axis=0, dtype=jnp.int32)
+    earlier_same = (flat_M[None, :] == flat_M[:, None]) & (ar[None, :] < ar[:, None])
+    size_E = jnp.sum(flat_M[:, None] == jnp.arange(num_experts, dtype=jnp.int32)[None, :], axis=0, dtype=jnp.int32)
     return jnp.sum(earlier_same, axis=1, dtype=jnp.int32), size_E
-  order = jnp.argsort(flat_R, stable=True)
-  size_E = jnp.zeros((num_experts,), jnp.int32).at[flat_R].add(1, mode="drop")
+  order = jnp.argsort(flat_M, stable=True)
+  size_E = jnp.zeros((num_experts,), jnp.int32).at[flat_M].add(1, mode="drop")
   start_E = jnp.cumsum(size_E) - size_E
-  within_sorted = ar - start_E[jnp.minimum(flat_R[order], num_experts - 1)]
-  return jnp.zeros((R,), jnp.int32).at[order].set(within_sorted), size_E
+  within_sorted = ar - start_E[jnp.minimum(flat_M[order], num_experts - 1)]
+  return jnp.zeros((M,), jnp.int32).at[order].set(within_sorted), size_E
 
 
 # Up to this many (token, expert) pairs the layout ranks pairs by comparison, not by sorting.
@@ -116,7 +116,7 @@ def block_layout(idx_TX, num_experts: int, block_rows: int, method: str | None =
   Returns a dict of int32 arrays:
     pos [T, X]: the padded row of each pair;
     src [P]: the token each padded row reads, T for a padding row;
-    expert [B]: the expert of each row block (clipped to E-1 past the used blocks);
+    expert [Q]: the expert of each row block (clipped to E-1 past the used blocks);
     used [1]: the number of used row blocks (they come first).
   Within an expert's rows, pairs keep their original (token-major) order.
   ``method`` picks how pairs are ranked (``_rank_and_sizes``); default by size.
@@ -124,11 +124,11 @@ def block_layout(idx_TX, num_experts: int, block_rows: int, method: str | None =
   row; their ``pos`` is 0 and the combine must ignore them.
   """
   T, X = idx_TX.shape
-  R = T * X
+  M = T * X
   E = num_experts
   bm = block_rows
-  B = num_row_blocks(R, E, bm)
-  method = method or ("compare" if R <= COMPARE_RANK_MAX_PAIRS else "sort")
+  Q = num_row_blocks(M, E, bm)
+  method = method or ("compare" if M <= COMPARE_RANK_MAX_PAIRS else "sort")
   flat = idx_TX.reshape(-1).astype(jnp.int32)
   if valid_TX is not None:
     flat = jnp.where(valid_TX.reshape(-1), flat, E)  # a bucket past the last expert: no blocks
@@ -139,14 +139,14 @@ def block_layout(idx_TX, num_experts: int, block_rows: int, method: str | None =
   pos = block_start_E[jnp.minimum(flat, E - 1)] * bm + within
   if valid_TX is not None:
     pos = jnp.where(flat < E, pos, 0)
-  src = jnp.full((B * bm,), T, jnp.int32).at[jnp.where(flat < E, pos, B * bm)].set(
-      jnp.arange(R, dtype=jnp.int32) // X, mode="drop")
+  src = jnp.full((Q * bm,), T, jnp.int32).at[jnp.where(flat < E, pos, Q * bm)].set(
+      jnp.arange(M, dtype=jnp.int32) // X, mode="drop")
   # compare_all: the default searchsorted method lowers to a sequential loop on GPU.
-  expert_B = jnp.searchsorted(block_end_E, jnp.arange(B), side="right", method="compare_all")
+  expert_Q = jnp.searchsorted(block_end_E, jnp.arange(Q), side="right", method="compare_all")
   return dict(
       pos=pos.reshape(T, X),
       src=src,
-      expert=jnp.minimum(expert_B, E - 1).astype(jnp.int32),
+      expert=jnp.minimum(expert_Q, E - 1).astype(jnp.int32),
       used=block_end_E[-1:].astype(jnp.int32),
   )
 
@@ -198,7 +198,7 @@ def _row_block_kernel(expert_ref, used_ref, *refs, bk, num_weights, gather):
     out_ref[...] = y.astype(out_ref.dtype)
 
 
-def _row_block_call(name, rows, expert_B, used, weights, out_cols, *, block_rows, tiles: Tiles, interpret,
+def _row_block_call(name, rows, expert_Q, used, weights, out_cols, *, block_rows, tiles: Tiles, interpret,
                     src_P=None):
   """Runs ``_row_block_kernel`` on a (row block, output tile) grid; the row-block axis varies fastest.
 
@@ -229,24 +229,24 @@ def _row_block_call(name, rows, expert_B, used, weights, out_cols, *, block_rows
       interpret=interpret,
       compiler_params=params,
       name=name,
-  )(expert_B, used, *row_args, *weights)
+  )(expert_Q, used, *row_args, *weights)
 
 
-def grouped_swiglu(x_TD, src_P, expert_B, used, w_gate_EDF, w_up_EDF, *, block_rows, tiles=None, interpret=None):
+def grouped_swiglu(x_TD, src_P, expert_Q, used, w_gate_EDF, w_up_EDF, *, block_rows, tiles=None, interpret=None):
   """Kernel A: ``h [P, F] = silu(xs @ Wg[e]) * (xs @ Wu[e])`` per row block, in x's dtype.
 
   ``xs[p] = x_TD[src_P[p]]`` (the padded, expert-sorted rows) is gathered
   inside the kernel.
   """
   F = w_gate_EDF.shape[2]
-  return _row_block_call("moe_gate_up", x_TD, expert_B, used, (w_gate_EDF, w_up_EDF), F, block_rows=block_rows,
+  return _row_block_call("moe_gate_up", x_TD, expert_Q, used, (w_gate_EDF, w_up_EDF), F, block_rows=block_rows,
                          tiles=tiles or GATE_UP_TILES, interpret=interpret, src_P=src_P)
 
 
-def grouped_down(h_PF, expert_B, used, w_down_EFD, *, block_rows, tiles=None, interpret=None):
+def grouped_down(h_PF, expert_Q, used, w_down_EFD, *, block_rows, tiles=None, interpret=None):
   """Kernel B over padded rows: ``y [P, D] = h @ Wd[e]`` per row block."""
   D = w_down_EFD.shape[2]
-  return _row_block_call("moe_down", h_PF, expert_B, used, (w_down_EFD,), D, block_rows=block_rows,
+  return _row_block_call("moe_down", h_PF, expert_Q, used, (w_down_EFD,), D, block_rows=block_rows,
                          tiles=tiles or DOWN_TILES, interpret=interpret)
 
 
