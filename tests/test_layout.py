@@ -62,3 +62,14 @@ def test_library_functions_fit_on_a_screen():
       if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 50:
         long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
   assert not long, "\n".join(long)
+
+
+def test_readme_layout_table_names_every_module():
+  readme = (REPO / "README.md").read_text()
+  section = readme[readme.index("## Layout"):]
+  section = section[:section.index("\n## ", 1)] if "\n## " in section[1:] else section
+  missing = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+             if p.name != "__init__.py" and f"`{p.name}`" not in section and f"/{p.name}`" not in section]
+  folders = [str(p.relative_to(REPO)) for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()]  # noqa
+  missing += [f for f in folders if f"`{f}/`" not in section]
+  assert not missing, f"README's Layout table does not name {missing}"
