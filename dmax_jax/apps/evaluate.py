@@ -148,17 +148,22 @@ def evaluate(*, checkpoint: str, data: str, output: str, strategies: Sequence, r
     for strategy in strategies:
       out = runner.run(requests, params=params, config=config, tokenizer=tokenizer, strategy=strategy,
                        batch_size=batch_size, writer=writer, seed=seed, progress=progress, annotate=score,
-                       settings=key, desc=f"{decoding.name_of(strategy)} {strategy.threshold}", **run)
+                       settings=key, desc=f"{decoding.name_of(strategy)} {_threshold(strategy)}", **run)
       errors += out.errors
   records = read_records(output)
   result.rows = [summarize(select(records, requests, runner.decoding_settings(st, settings=key, **run)),
-                           decoding.name_of(st), st.threshold, len(questions), len(too_long)) for st in strategies]
+                           decoding.name_of(st), _threshold(st), len(questions), len(too_long)) for st in strategies]
   if not any(r["n"] for r in result.rows):
     errors.append(f"{data}: no question could be decoded, so no report was written")
     return result
   result.table, result.report = markdown_table(result.rows), prefix
   _write_report(result, checkpoint=checkpoint, data=data, **run)
   return result
+
+
+def _threshold(strategy):
+  """The threshold a strategy is swept over (None for a strategy without one)."""
+  return getattr(strategy, "threshold", None)
 
 
 def _write_report(result: Evaluation, *, checkpoint, data, gen_length, block_length) -> None:

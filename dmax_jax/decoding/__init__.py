@@ -5,10 +5,10 @@ from dmax_jax.decoding.engine import Generation, Program, compile_program, gener
 from dmax_jax.decoding.layout import Layout, plan_batch, prompt_problem
 from dmax_jax.decoding.registry import STRATEGIES, make, name_of
 from dmax_jax.decoding.spd import SPD
-from dmax_jax.decoding.strategy import StepView, Strategy, strategy
+from dmax_jax.decoding.strategy import StepView, Strategy, strategy_dataclass
 from dmax_jax.decoding.threshold import Threshold
 from dmax_jax.decoding.trace import STATUS, TraceStep
 
 __all__ = ["Generation", "Layout", "Program", "SPD", "STATUS", "STRATEGIES", "StepView", "Strategy", "Threshold",
            "TraceStep", "compile_program", "generate", "make", "name_of", "plan_batch", "prepare", "prompt_problem",
-           "strategy"]
+           "strategy_dataclass"]

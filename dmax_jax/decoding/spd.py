@@ -5,10 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dmax_jax.decoding.strategy import Strategy, StepView, emb_dtype, hard_embed, still_masked, strategy
+from dmax_jax.decoding.strategy import Strategy, StepView, emb_dtype, hard_embed, still_masked, strategy_dataclass
 
 
-@strategy(static=("top_k", "temperature"))
+@strategy_dataclass(static=("top_k", "temperature"))
 class SPD(Strategy):
   """A left-to-right frontier of confident tokens, self-revision of every decoded token, and soft embeddings:
   a decoded position is fed back as the confidence-weighted mix of its top-k token embeddings and the mask's."""

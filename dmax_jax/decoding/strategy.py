@@ -12,7 +12,7 @@ the strategy three questions, each a pure function of a ``StepView``:
 Fields are traced by default, so a sweep over thresholds reuses one compiled
 program; fields that change the program's structure (a ``top_k``, whether to
 sample) are declared ``static``. A new strategy is one class in one file,
-decorated with ``@strategy(static=...)``, plus one line in ``registry.py``.
+decorated with ``@strategy_dataclass(static=...)``, plus one line in ``registry.py``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Strategy:
     return hard_embed(params, cfg, new_x)
 
 
-def strategy(*, static: tuple[str, ...] = ("temperature",)):
+def strategy_dataclass(*, static: tuple[str, ...] = ("temperature",)):
   """Class decorator: a frozen dataclass registered as a pytree whose ``static`` fields are compile-time constants."""
 
   def wrap(cls):

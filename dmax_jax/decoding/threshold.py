@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from dmax_jax.decoding.strategy import Strategy, StepView, still_masked, strategy
+from dmax_jax.decoding.strategy import Strategy, StepView, still_masked, strategy_dataclass
 
 
-@strategy()
+@strategy_dataclass()
 class Threshold(Strategy):
   """Unmask every masked position whose confidence reaches ``threshold`` (at least the most confident one);
   never revise; hard token embeddings; a block ends when no mask is left."""
