@@ -23,8 +23,9 @@ line. Neither filters on correctness: OPUT learns the base model's own
 trajectories, right or wrong.
 
 The demo config (``configs/demo_cpu.py``, ``configs/demo_gpu.py``) names the
-task, model and the stages' hyper-parameters; the training configs are
-``configs/base.py`` with those values filled in.
+task, the model and the decoding settings; its training stages (``sft``,
+``oput``) are ordinary training configs (``dmax_jax.training.config``), to
+which the demo adds this run's paths (``stage_config``).
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ def _get(config, key: str):
   node = config
   for part in key.split("."):
     if part not in node:
-      raise TrainError(f"config.{key}: missing (every config starts from configs/base.py)")
+      raise TrainError(f"config.{key}: missing (every config starts from dmax_jax.training.config.defaults, as configs/base.py does)")
     node = node[part]
   return node
 
