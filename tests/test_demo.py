@@ -43,6 +43,40 @@ def test_every_step_carries_the_previous_result_and_is_right():
   assert orders == {True, False}  # both spellings occur
 
 
+def test_week_adds_every_day_once_in_any_order_and_is_right():
+  orders, spellings = set(), set()
+  for p in arith.problems(400, 0, 4, 7, task="week", amounts=(2, 9)):
+    # The question, read independently: the start and each named day's amount.
+    start = int(re.match(r"\w+ has (\d+) \w+s\. ", p["question"]).group(1))
+    found = {day: int(a) for day, a in re.findall(r"[Oo]n (\w+day) (?:(?:he|she) \w+ )?(\d+)", p["question"])}
+    assert 4 <= len(found) <= 7 and list(found) == list(arith.DAYS[:len(found)])
+    assert p["question"].endswith("now?") and all(2 <= a <= 9 for a in found.values())
+    lines = p["answer"].split("\n")
+    total, days = start, []
+    for line in lines[:-1]:
+      m = re.fullmatch(r"(\w+day): <<(\d+)\+(\d+)=(\d+)>>(\d+)", line)
+      assert m, line
+      day, (a, b, c, shown) = m.group(1), (int(g) for g in m.groups()[1:])
+      assert (a, b) in ((total, found[day]), (found[day], total)), (total, line)
+      spellings.add(a == total)
+      assert a + b == c == shown and c <= 99
+      total, days = c, days + [day]
+    assert sorted(days) == sorted(found) and total == start + sum(found.values())  # every day exactly once
+    assert lines[-1] == f"#### {total}" and gsm8k.strictly_correct(p["answer"], str(total))
+    orders.add(tuple(days) == tuple(found))
+  assert spellings == {True, False} and orders == {True, False}  # both spellings, in and out of order
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(task="months"), "task must be one of"),
+                                            (dict(min_steps=1), "2 <= min_steps"),
+                                            (dict(task="week", max_steps=8), "at most 7 days"),
+                                            (dict(amounts=(2, 20)), "amounts\\[1\\] \\* max_steps"),
+                                            (dict(amounts=(5, 2)), "1 <= low <= high")])
+def test_bad_task_settings_are_refused(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    arith.problems(3, 0, **kwargs)
+
+
 def test_step_count_range_is_respected():
   counts = {p["answer"].count("<<") for p in arith.problems(200, 1, 3, 5)}
   assert counts == {3, 4, 5}
@@ -103,6 +137,11 @@ def test_bad_eval_runs_and_changed_settings_are_refused(tmp_path):
   config.eval.runs = ("base:threshold", "oput:greedy")
   with pytest.raises(demo.DemoError, match="config.eval.runs: 'oput:greedy'"):
     demo.run(config, str(tmp_path), progress=False)
+  config = toy_config()
+  config.data.task = "months"
+  with pytest.raises(demo.DemoError, match="config.data: task must be one of"):
+    demo.run(config, str(tmp_path / "bad_task"), progress=False)
+  assert not os.path.exists(tmp_path / "bad_task")  # nothing written: the fixed config is not refused later
   config = toy_config()
   demo.check_workdir(config, str(tmp_path))
   demo.check_workdir(config, str(tmp_path))  # same settings: fine
