@@ -1,6 +1,6 @@
 """Generated arithmetic word problems in GSM8K's format (the demo's tasks): chains of running totals.
 
-Two tasks, both worked line by line with ``<<expr=value>>`` annotations and a
+Three tasks, each worked line by line with ``<<expr=value>>`` annotations and a
 final ``#### n`` line, every line carrying the previous line's result:
 
 ``savings`` (the demo's default): someone starts with a number of things and
@@ -16,19 +16,25 @@ independent, so the answer adds them in any order::
                 does Mia have now?",
    "answer": "Tuesday: <<26+8=34>>34\nWednesday: <<34+6=40>>40\nMonday: <<9+40=49>>49\n#### 49"}
 
+``bag``: ``week`` without the day names; the question lists the amounts and
+each line adds one not added yet::
+
+  {"question": "Mia has 26 shells. On three walks she finds 9, 8 and 6 more. How many shells does Mia have now?",
+   "answer": "<<26+8=34>>34\n<<34+6=40>>40\n<<9+40=49>>49\n#### 49"}
+
 Properties that make decoding many tokens at once hard, as on natural GSM8K:
 
 - positions depend on each other: every step starts from the previous
   step's result, and the digits of a result depend on each other (the
   carry), so a later number is only easy once the earlier ones are written.
   (In ``savings`` the k-th result is also start + k * amount, which a model
-  can learn to compute from the prompt alone; in ``week`` the final number is
-  a sum of up to eight numbers, which only the chain gives.)
+  can learn to compute from the prompt alone; in ``week`` and ``bag`` the
+  final number is a sum of up to eight numbers, which only the chain gives.)
 - an answer has several right forms: every sum names its operands in either
-  order (``75+6`` or ``6+75``); in ``week`` the days also come in any order,
-  so the running totals themselves differ from one right answer to another,
-  and a position's most likely day, amount and total, each taken on its own,
-  need not belong to the same order.
+  order (``75+6`` or ``6+75``); in ``week`` and ``bag`` the days (amounts)
+  also come in any order, so the running totals themselves differ from one
+  right answer to another, and a position's most likely day, amount and
+  total, each taken on its own, need not belong to the same order.
 
 Generation is deterministic: ``problems(n, seed)`` always returns the same
 list. ``splits`` draws a train and a test set from different seeds and drops
@@ -98,7 +104,33 @@ def week_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tupl
   return {"question": question, "answer": "\n".join(steps) + f"\n#### {total}"}
 
 
-TASKS = {"savings": savings_problem, "week": week_problem}
+COUNTS = ("two", "three", "four", "five", "six", "seven", "eight")
+
+
+def bag_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple[int, int]) -> dict:
+  """One ``bag`` problem: {"question", "answer"} (one line per amount, in any order, then ``#### n``).
+
+  Like ``week`` without the names: the question lists the amounts and a line may add any of them not added
+  yet, so choosing the next line is choosing an amount, and no amount has to be looked up by a name.
+  """
+  if max_steps > 1 + len(COUNTS):
+    raise ValueError(f"task 'bag' has at most {1 + len(COUNTS)} amounts, got max_steps={max_steps}")
+  name, pron = r.choice(NAMES)
+  item = r.choice(ITEMS)
+  n = r.randint(min_steps, max_steps)
+  start = r.randint(10, max(10, 99 - amounts[1] * n))  # small amounts keep every total under 100
+  found = [r.randint(*amounts) for _ in range(n)]
+  question = (f"{name} has {start} {item}s. On {COUNTS[n - 2]} walks {pron} {r.choice(GAIN)} "
+              + ", ".join(map(str, found[:-1])) + f" and {found[-1]} more. How many {item}s does {name} have now?")
+  total, steps = start, []
+  for a in r.sample(found, n):  # the walks are independent: any order is right
+    x, y = (total, a) if r.random() < 0.5 else (a, total)  # either order: both are right
+    steps.append(f"<<{x}+{y}={total + a}>>{total + a}")
+    total += a
+  return {"question": question, "answer": "\n".join(steps) + f"\n#### {total}"}
+
+
+TASKS = {"savings": savings_problem, "week": week_problem, "bag": bag_problem}
 
 
 def problem(r: random.Random, min_steps: int = 4, max_steps: int = 8, task: str = "savings",

@@ -67,9 +67,30 @@ def test_week_adds_every_day_once_in_any_order_and_is_right():
   assert spellings == {True, False} and orders == {True, False}  # both spellings, in and out of order
 
 
+def test_bag_adds_every_listed_amount_once_in_any_order_and_is_right():
+  orders = set()
+  for p in arith.problems(400, 0, 4, 8, task="bag", amounts=(2, 9)):
+    start, count, listed = re.fullmatch(r"\w+ has (\d+) \w+s\. On (\w+) walks (?:he|she) \w+ ([\d, and]+) more\. "
+                                        r"How many \w+s does \w+ have now\?", p["question"]).groups()
+    found = [int(a) for a in re.findall(r"\d+", listed)]
+    assert ["two", "three", "four", "five", "six", "seven", "eight"].index(count) + 2 == len(found)
+    assert 4 <= len(found) <= 8 and all(2 <= a <= 9 for a in found)
+    lines, total, added = p["answer"].split("\n"), int(start), []
+    for line in lines[:-1]:
+      a, b, c, shown = map(int, re.fullmatch(r"<<(\d+)\+(\d+)=(\d+)>>(\d+)", line).groups())
+      assert total in (a, b) and a + b == c == shown and c <= 99, (total, line)
+      added.append(b if a == total else a)
+      total = c
+    assert sorted(added) == sorted(found) and total == int(start) + sum(found)  # each amount exactly once
+    assert lines[-1] == f"#### {total}" and gsm8k.strictly_correct(p["answer"], str(total))
+    orders.add(added == found)
+  assert orders == {True, False}
+
+
 @pytest.mark.parametrize("kwargs, match", [(dict(task="months"), "task must be one of"),
                                             (dict(min_steps=1), "2 <= min_steps"),
                                             (dict(task="week", max_steps=8), "at most 7 days"),
+                                            (dict(task="bag", max_steps=9), "at most 8 amounts"),
                                             (dict(amounts=(2, 20)), "amounts\\[1\\] \\* max_steps"),
                                             (dict(amounts=(5, 2)), "1 <= low <= high")])
 def test_bad_task_settings_are_refused(kwargs, match):
