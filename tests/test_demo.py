@@ -252,3 +252,33 @@ def test_readme_decode_and_evaluate_commands_work_on_the_demo_output(toy_run, ca
       assert record["num_tokens"] > 0 and record["nfe"] > 0
     else:
       assert "| spd | 0.5 | 8/8 |" in out and "| threshold | 0.9 | 8/8 |" in out
+
+
+TOY_FLAGS = ["--config.data.n_train=64", "--config.data.n_test=8", "--config.model.hidden_size=32",
+             "--config.model.num_hidden_layers=2", "--config.model.num_attention_heads=2",
+             "--config.model.num_key_value_heads=1", "--config.model.head_dim=16", "--config.model.intermediate_size=64",
+             "--config.model.moe_intermediate_size=16", "--config.model.topk_group=1", "--config.max_seq_len=64",
+             "--config.sft.steps=3", "--config.sft.batch_size=8", "--noprogress"]
+
+
+def _run_demo(workdir, *flags):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  return subprocess.run([sys.executable, "tools/run_demo.py", "--config=configs/demo_cpu.py", f"--workdir={workdir}",
+                         *TOY_FLAGS, *flags], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_run_demo_bad_task_is_one_line_and_writes_nothing(tmp_path):
+  r = _run_demo(tmp_path / "w", "--config.data.task=months")
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+      "error: config.data: task must be one of ['bag', 'savings', 'week'], got 'months'"), r.stderr[-2000:]
+  assert "Traceback" not in r.stderr and not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+def test_run_demo_diverging_training_is_one_line(tmp_path):
+  r = _run_demo(tmp_path / "w", "--config.sft.lr=1e12")
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr[-2000:]
+  assert not (tmp_path / "w" / "base").exists()  # no base model exported from a diverged run
