@@ -1,6 +1,6 @@
 """Generated arithmetic word problems in GSM8K's format (the demo's tasks): chains of running totals.
 
-Three tasks, each worked line by line with ``<<expr=value>>`` annotations and a
+Four tasks, each worked line by line with ``<<expr=value>>`` annotations and a
 final ``#### n`` line, every line carrying the previous line's result:
 
 ``savings`` (the demo's default): someone starts with a number of things and
@@ -21,6 +21,13 @@ each line adds one not added yet::
 
   {"question": "Mia has 26 shells. On three walks she finds 9, 8 and 6 more. How many shells does Mia have now?",
    "answer": "<<26+8=34>>34\n<<34+6=40>>40\n<<9+40=49>>49\n#### 49"}
+
+``digits``: each day adds the ones digit of the running total, so no closed
+form of the prompt gives the final number::
+
+  {"question": "Mia has 59 pens. Each day she finds as many more as the ones digit of the number she has. How
+                many pens does Mia have after 3 days?",
+   "answer": "Day 1: <<59+9=68>>68\nDay 2: <<8+68=76>>76\nDay 3: <<76+6=82>>82\n#### 82"}
 
 Properties that make decoding many tokens at once hard, as on natural GSM8K:
 
@@ -104,6 +111,33 @@ def week_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tupl
   return {"question": question, "answer": "\n".join(steps) + f"\n#### {total}"}
 
 
+def digits_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple[int, int]) -> dict:
+  """One ``digits`` problem: {"question", "answer"} (one step per day, then ``#### n``).
+
+  Each day adds the ones digit of the running total, so every step needs the previous step's result and no
+  closed form of the prompt gives the last one. ``amounts`` bounds the start's ones digit (inclusive); starts
+  whose chain would reach a ones digit of 0 (a step adding nothing) or pass 99 are drawn again.
+  """
+  name, pron = r.choice(NAMES)
+  item = r.choice(ITEMS)
+  days = r.randint(min_steps, max_steps)
+  while True:
+    start = 10 * r.randint(1, 8) + r.randint(max(1, amounts[0]), min(9, amounts[1]))
+    chain = [start]
+    for _ in range(days):
+      chain.append(chain[-1] + chain[-1] % 10)
+    if chain[-1] <= 99 and all(x % 10 for x in chain):
+      break
+  steps = []
+  for day, (total, nxt) in enumerate(zip(chain, chain[1:]), 1):
+    d = total % 10
+    x, y = (total, d) if r.random() < 0.5 else (d, total)  # either order: both are right
+    steps.append(f"Day {day}: <<{x}+{y}={nxt}>>{nxt}")
+  question = (f"{name} has {start} {item}s. Each day {pron} {r.choice(GAIN)} as many more as the ones digit of "
+              f"the number {pron} has. How many {item}s does {name} have after {days} days?")
+  return {"question": question, "answer": "\n".join(steps) + f"\n#### {chain[-1]}"}
+
+
 COUNTS = ("two", "three", "four", "five", "six", "seven", "eight")
 
 
@@ -130,7 +164,7 @@ def bag_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple
   return {"question": question, "answer": "\n".join(steps) + f"\n#### {total}"}
 
 
-TASKS = {"savings": savings_problem, "week": week_problem, "bag": bag_problem}
+TASKS = {"savings": savings_problem, "week": week_problem, "bag": bag_problem, "digits": digits_problem}
 
 
 def problem(r: random.Random, min_steps: int = 4, max_steps: int = 8, task: str = "savings",

@@ -87,6 +87,21 @@ def test_bag_adds_every_listed_amount_once_in_any_order_and_is_right():
   assert orders == {True, False}
 
 
+def test_digits_adds_the_ones_digit_of_the_running_total_each_day():
+  for p in arith.problems(400, 0, 4, 5, task="digits"):
+    start, days = map(int, re.fullmatch(
+        r"\w+ has (\d+) \w+s\. Each day (?:he|she) \w+ as many more as the ones digit of the number (?:he|she) has\. "
+        r"How many \w+s does \w+ have after (\d+) days\?", p["question"]).groups())
+    lines, total = p["answer"].split("\n"), start
+    assert 4 <= days <= 5 and len(lines) == days + 1
+    for day, line in enumerate(lines[:-1], 1):
+      k, a, b, c, shown = map(int, re.fullmatch(r"Day (\d+): <<(\d+)\+(\d+)=(\d+)>>(\d+)", line).groups())
+      ones = total - 10 * (total // 10)
+      assert k == day and ones > 0 and (a, b) in ((total, ones), (ones, total)) and a + b == c == shown <= 99
+      total = c
+    assert lines[-1] == f"#### {total}" and gsm8k.strictly_correct(p["answer"], str(total))
+
+
 @pytest.mark.parametrize("kwargs, match", [(dict(task="months"), "task must be one of"),
                                             (dict(min_steps=1), "2 <= min_steps"),
                                             (dict(task="week", max_steps=8), "at most 7 days"),
@@ -272,7 +287,7 @@ def _run_demo(workdir, *flags):
 def test_run_demo_bad_task_is_one_line_and_writes_nothing(tmp_path):
   r = _run_demo(tmp_path / "w", "--config.data.task=months")
   assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
-      "error: config.data: task must be one of ['bag', 'savings', 'week'], got 'months'"), r.stderr[-2000:]
+      "error: config.data: task must be one of ['bag', 'digits', 'savings', 'week'], got 'months'"), r.stderr[-2000:]
   assert "Traceback" not in r.stderr and not (tmp_path / "w").exists()
 
 
