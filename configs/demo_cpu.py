@@ -19,6 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.n_test = 128  # held-out problems for the evaluation
   c.data.min_steps = 4  # steps (events) per problem: each carries the previous result (dmax_jax.apps.arith)
   c.data.max_steps = 5  # (the GPU config: up to 8; 5 keeps every answer within 84 tokens on CPU)
+  c.data.task = "savings"  # dmax_jax.arith.TASKS: "savings" (the same amount daily), "week" or "bag" (any order)
+  c.data.amounts = (2, 9)  # each day's amount is drawn from this range (inclusive)
 
   c.tokenizer_vocab = 512  # BPE vocabulary, digits split (eos = vocab - 2, mask = vocab - 1)
 

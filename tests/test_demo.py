@@ -47,6 +47,76 @@ def test_every_step_carries_the_previous_result_and_is_right():
   assert orders == {True, False}  # both spellings occur
 
 
+def test_week_adds_every_day_once_in_any_order_and_is_right():
+  orders, spellings = set(), set()
+  for p in arith.problems(400, 0, 4, 7, task="week", amounts=(2, 9)):
+    # The question, read independently: the start and each named day's amount.
+    start = int(re.match(r"\w+ has (\d+) \w+s\. ", p["question"]).group(1))
+    found = {day: int(a) for day, a in re.findall(r"[Oo]n (\w+day) (?:(?:he|she) \w+ )?(\d+)", p["question"])}
+    assert 4 <= len(found) <= 7 and list(found) == list(arith.DAYS[:len(found)])
+    assert p["question"].endswith("now?") and all(2 <= a <= 9 for a in found.values())
+    lines = p["answer"].split("\n")
+    total, days = start, []
+    for line in lines[:-1]:
+      m = re.fullmatch(r"(\w+day): <<(\d+)\+(\d+)=(\d+)>>(\d+)", line)
+      assert m, line
+      day, (a, b, c, shown) = m.group(1), (int(g) for g in m.groups()[1:])
+      assert (a, b) in ((total, found[day]), (found[day], total)), (total, line)
+      spellings.add(a == total)
+      assert a + b == c == shown and c <= 99
+      total, days = c, days + [day]
+    assert sorted(days) == sorted(found) and total == start + sum(found.values())  # every day exactly once
+    assert lines[-1] == f"#### {total}" and gsm8k.strictly_correct(p["answer"], str(total))
+    orders.add(tuple(days) == tuple(found))
+  assert spellings == {True, False} and orders == {True, False}  # both spellings, in and out of order
+
+
+def test_bag_adds_every_listed_amount_once_in_any_order_and_is_right():
+  orders = set()
+  for p in arith.problems(400, 0, 4, 8, task="bag", amounts=(2, 9)):
+    start, count, listed = re.fullmatch(r"\w+ has (\d+) \w+s\. On (\w+) walks (?:he|she) \w+ ([\d, and]+) more\. "
+                                        r"How many \w+s does \w+ have now\?", p["question"]).groups()
+    found = [int(a) for a in re.findall(r"\d+", listed)]
+    assert ["two", "three", "four", "five", "six", "seven", "eight"].index(count) + 2 == len(found)
+    assert 4 <= len(found) <= 8 and all(2 <= a <= 9 for a in found)
+    lines, total, added = p["answer"].split("\n"), int(start), []
+    for line in lines[:-1]:
+      a, b, c, shown = map(int, re.fullmatch(r"<<(\d+)\+(\d+)=(\d+)>>(\d+)", line).groups())
+      assert total in (a, b) and a + b == c == shown and c <= 99, (total, line)
+      added.append(b if a == total else a)
+      total = c
+    assert sorted(added) == sorted(found) and total == int(start) + sum(found)  # each amount exactly once
+    assert lines[-1] == f"#### {total}" and gsm8k.strictly_correct(p["answer"], str(total))
+    orders.add(added == found)
+  assert orders == {True, False}
+
+
+def test_digits_adds_the_ones_digit_of_the_running_total_each_day():
+  for p in arith.problems(400, 0, 4, 5, task="digits"):
+    start, days = map(int, re.fullmatch(
+        r"\w+ has (\d+) \w+s\. Each day (?:he|she) \w+ as many more as the ones digit of the number (?:he|she) has\. "
+        r"How many \w+s does \w+ have after (\d+) days\?", p["question"]).groups())
+    lines, total = p["answer"].split("\n"), start
+    assert 4 <= days <= 5 and len(lines) == days + 1
+    for day, line in enumerate(lines[:-1], 1):
+      k, a, b, c, shown = map(int, re.fullmatch(r"Day (\d+): <<(\d+)\+(\d+)=(\d+)>>(\d+)", line).groups())
+      ones = total - 10 * (total // 10)
+      assert k == day and ones > 0 and (a, b) in ((total, ones), (ones, total)) and a + b == c == shown <= 99
+      total = c
+    assert lines[-1] == f"#### {total}" and gsm8k.strictly_correct(p["answer"], str(total))
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(task="months"), "task must be one of"),
+                                            (dict(min_steps=1), "2 <= min_steps"),
+                                            (dict(task="week", max_steps=8), "at most 7 days"),
+                                            (dict(task="bag", max_steps=9), "at most 8 amounts"),
+                                            (dict(amounts=(2, 20)), "amounts\\[1\\] \\* max_steps"),
+                                            (dict(amounts=(5, 2)), "1 <= low <= high")])
+def test_bad_task_settings_are_refused(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    arith.problems(3, 0, **kwargs)
+
+
 def test_step_count_range_is_respected():
   counts = {p["answer"].count("<<") for p in arith.problems(200, 1, 3, 5)}
   assert counts == {3, 4, 5}
@@ -107,6 +177,11 @@ def test_bad_eval_runs_and_changed_settings_are_refused(tmp_path):
   config.eval.runs = ("base:threshold", "oput:greedy")
   with pytest.raises(demo.DemoError, match="config.eval.runs: 'oput:greedy'"):
     demo.run(config, str(tmp_path), progress=False)
+  config = toy_config()
+  config.data.task = "months"
+  with pytest.raises(demo.DemoError, match="config.data: task must be one of"):
+    demo.run(config, str(tmp_path / "bad_task"), progress=False)
+  assert not os.path.exists(tmp_path / "bad_task")  # nothing written: the fixed config is not refused later
   config = toy_config()
   demo.check_workdir(config, str(tmp_path))
   demo.check_workdir(config, str(tmp_path))  # same settings: fine
@@ -196,3 +271,33 @@ def test_readme_decode_and_evaluate_commands_work_on_the_demo_output(toy_run, ca
       assert record["num_tokens"] > 0 and record["nfe"] > 0
     else:
       assert "| spd | 0.5 | 8/8 |" in out and "| threshold | 0.9 | 8/8 |" in out
+
+
+TOY_FLAGS = ["--config.data.n_train=64", "--config.data.n_test=8", "--config.model.hidden_size=32",
+             "--config.model.num_hidden_layers=2", "--config.model.num_attention_heads=2",
+             "--config.model.num_key_value_heads=1", "--config.model.head_dim=16", "--config.model.intermediate_size=64",
+             "--config.model.moe_intermediate_size=16", "--config.model.topk_group=1", "--config.max_seq_len=64",
+             "--config.sft.steps=3", "--config.sft.batch_size=8", "--noprogress"]
+
+
+def _run_demo(workdir, *flags):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  return subprocess.run([sys.executable, "tools/run_demo.py", "--config=configs/demo_cpu.py", f"--workdir={workdir}",
+                         *TOY_FLAGS, *flags], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_run_demo_bad_task_is_one_line_and_writes_nothing(tmp_path):
+  r = _run_demo(tmp_path / "w", "--config.data.task=months")
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+      "error: config.data: task must be one of ['bag', 'digits', 'savings', 'week'], got 'months'"), r.stderr[-2000:]
+  assert "Traceback" not in r.stderr and not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+def test_run_demo_diverging_training_is_one_line(tmp_path):
+  r = _run_demo(tmp_path / "w", "--config.sft.lr=1e12")
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr[-2000:]
+  assert not (tmp_path / "w" / "base").exists()  # no base model exported from a diverged run

@@ -35,6 +35,9 @@ def main(argv):
   except (demo.DemoError, trainer.TrainError, MeshError, runner.UsageError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except trainer.TrainFailed as e:  # a run that went wrong (e.g. a non-finite loss), not a user mistake
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   except KeyboardInterrupt:
     print("interrupted: rerun the same command to resume", file=sys.stderr)
     sys.exit(130)

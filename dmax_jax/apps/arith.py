@@ -1,30 +1,52 @@
-"""Generated arithmetic word problems in GSM8K's format (the demo's task): chains of running totals.
+"""Generated arithmetic word problems in GSM8K's format (the demo's tasks): chains of running totals.
 
-Each problem is a short story: someone starts with a number of things and
-gains the same amount every day, for 4 to 8 days; the question asks how many
-there are at the end. Its answer works the chain day by day in GSM8K's
-format, each step carrying the previous result, with ``<<expr=value>>``
-annotations and a final ``#### n`` line::
+Four tasks, each worked line by line with ``<<expr=value>>`` annotations and a
+final ``#### n`` line, every line carrying the previous line's result:
+
+``savings`` (the demo's default): someone starts with a number of things and
+gains the same amount every day, for 4 to 8 days::
 
   {"question": "Mia has 75 pens. Each day she gets 6 more. How many pens does Mia have after 4 days?",
-   "answer": "Day 1: <<75+6=81>>81\\nDay 2: <<6+81=87>>87\\nDay 3: <<6+87=93>>93\\nDay 4: <<93+6=99>>99\\n#### 99"}
+   "answer": "Day 1: <<75+6=81>>81\nDay 2: <<6+81=87>>87\nDay 3: <<6+87=93>>93\nDay 4: <<93+6=99>>99\n#### 99"}
 
-Two properties make decoding many tokens at once hard, as on natural GSM8K,
-while each step stays one skill a small model learns in minutes (a two-digit
-number plus one digit, with digits as separate tokens):
+``week``: a different amount on each of up to seven days, and the days are
+independent, so the answer adds them in any order::
+
+  {"question": "Mia has 26 shells. On Monday she finds 9 more, on Tuesday 8 and on Wednesday 6. How many shells
+                does Mia have now?",
+   "answer": "Tuesday: <<26+8=34>>34\nWednesday: <<34+6=40>>40\nMonday: <<9+40=49>>49\n#### 49"}
+
+``bag``: ``week`` without the day names; the question lists the amounts and
+each line adds one not added yet::
+
+  {"question": "Mia has 26 shells. On three walks she finds 9, 8 and 6 more. How many shells does Mia have now?",
+   "answer": "<<26+8=34>>34\n<<34+6=40>>40\n<<9+40=49>>49\n#### 49"}
+
+``digits``: each day adds the ones digit of the running total, so no closed
+form of the prompt gives the final number::
+
+  {"question": "Mia has 59 pens. Each day she finds as many more as the ones digit of the number she has. How
+                many pens does Mia have after 3 days?",
+   "answer": "Day 1: <<59+9=68>>68\nDay 2: <<8+68=76>>76\nDay 3: <<76+6=82>>82\n#### 82"}
+
+Properties that make decoding many tokens at once hard, as on natural GSM8K:
 
 - positions depend on each other: every step starts from the previous
   step's result, and the digits of a result depend on each other (the
-  carry), so a later number is only easy once the earlier ones are written;
-  the k-th result is start + k * amount, which nothing but the chain gives;
-- an answer has several right spellings: every sum names its operands in
-  either order (``75+6`` or ``6+75``), as people write them, so the
-  per-position distributions are mixtures of the spellings.
+  carry), so a later number is only easy once the earlier ones are written.
+  (In ``savings`` the k-th result is also start + k * amount, which a model
+  can learn to compute from the prompt alone; in ``week`` and ``bag`` the
+  final number is a sum of up to eight numbers, which only the chain gives.)
+- an answer has several right forms: every sum names its operands in either
+  order (``75+6`` or ``6+75``); in ``week`` and ``bag`` the days (amounts)
+  also come in any order, so the running totals themselves differ from one
+  right answer to another, and a position's most likely day, amount and
+  total, each taken on its own, need not belong to the same order.
 
 Generation is deterministic: ``problems(n, seed)`` always returns the same
 list. ``splits`` draws a train and a test set from different seeds and drops
 every test problem whose question also occurs in the train set, so the test
-set is held out. Every value is a two-digit number (10 to 99).
+set is held out.
 """
 
 from __future__ import annotations
@@ -37,14 +59,21 @@ NAMES = (("Mia", "she"), ("Tom", "he"), ("Ava", "she"), ("Sam", "he"), ("Lily", 
          ("Emma", "she"), ("Leo", "he"), ("Zoe", "she"), ("Max", "he"), ("Ella", "she"), ("Jack", "he"))
 ITEMS = ("apple", "pen", "book", "card", "egg", "toy", "cookie", "marble", "sticker", "shell", "coin", "flower")
 GAIN = ("buys", "finds", "gets", "wins")
+DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 
 
-def problem(r: random.Random, min_steps: int = 4, max_steps: int = 8) -> dict:
-  """One random problem: {"question", "answer"} (one step per day, then ``#### n``)."""
+def savings_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple[int, int]) -> dict:
+  """One ``savings`` problem: {"question", "answer"} (one step per day, then ``#### n``).
+
+  The daily amount is drawn from ``amounts`` (inclusive); the start keeps every total two-digit.
+  """
+  if amounts[1] * max_steps > 89:
+    raise ValueError(f"task 'savings' keeps totals two-digit: amounts[1] * max_steps must be <= 89, got "
+                     f"{amounts[1]} * {max_steps}")
   name, pron = r.choice(NAMES)
   item = r.choice(ITEMS)
   days = r.randint(min_steps, max_steps)
-  d = r.randint(2, 9)
+  d = r.randint(*amounts)
   total = start = r.randint(10, 99 - d * days)
   steps = []
   for day in range(1, days + 1):
@@ -56,20 +85,115 @@ def problem(r: random.Random, min_steps: int = 4, max_steps: int = 8) -> dict:
   return {"question": question, "answer": "\n".join(steps) + f"\n#### {total}"}
 
 
-def problems(n: int, seed: int, min_steps: int = 4, max_steps: int = 8) -> list[dict]:
+def week_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple[int, int]) -> dict:
+  """One ``week`` problem: {"question", "answer"} (one line per day, the days in a random order, then ``#### n``).
+
+  The start is a two-digit number (low enough that single-digit amounts keep every total two-digit), each
+  day's amount is drawn from ``amounts`` (inclusive).
+  """
+  if max_steps > len(DAYS):
+    raise ValueError(f"task 'week' has at most {len(DAYS)} days, got max_steps={max_steps}")
+  name, pron = r.choice(NAMES)
+  item = r.choice(ITEMS)
+  days = r.randint(min_steps, max_steps)
+  start = r.randint(10, max(10, 99 - amounts[1] * days))  # small amounts keep every total under 100
+  found = [r.randint(*amounts) for _ in range(days)]
+  parts = [f"On Monday {pron} {r.choice(GAIN)} {found[0]} more"] + [f"on {DAYS[i]} {a}" for i, a in
+                                                                   enumerate(found[1:], 1)]
+  question = (f"{name} has {start} {item}s. " + ", ".join(parts[:-1]) + f" and {parts[-1]}. "
+              f"How many {item}s does {name} have now?")
+  total, steps = start, []
+  for i in r.sample(range(days), days):  # the days are independent: any order is right
+    a = found[i]
+    x, y = (total, a) if r.random() < 0.5 else (a, total)  # either order: both are right
+    steps.append(f"{DAYS[i]}: <<{x}+{y}={total + a}>>{total + a}")
+    total += a
+  return {"question": question, "answer": "\n".join(steps) + f"\n#### {total}"}
+
+
+def digits_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple[int, int]) -> dict:
+  """One ``digits`` problem: {"question", "answer"} (one step per day, then ``#### n``).
+
+  Each day adds the ones digit of the running total, so every step needs the previous step's result and no
+  closed form of the prompt gives the last one. ``amounts`` bounds the start's ones digit (inclusive); starts
+  whose chain would reach a ones digit of 0 (a step adding nothing) or pass 99 are drawn again.
+  """
+  name, pron = r.choice(NAMES)
+  item = r.choice(ITEMS)
+  days = r.randint(min_steps, max_steps)
+  while True:
+    start = 10 * r.randint(1, 8) + r.randint(max(1, amounts[0]), min(9, amounts[1]))
+    chain = [start]
+    for _ in range(days):
+      chain.append(chain[-1] + chain[-1] % 10)
+    if chain[-1] <= 99 and all(x % 10 for x in chain):
+      break
+  steps = []
+  for day, (total, nxt) in enumerate(zip(chain, chain[1:]), 1):
+    d = total % 10
+    x, y = (total, d) if r.random() < 0.5 else (d, total)  # either order: both are right
+    steps.append(f"Day {day}: <<{x}+{y}={nxt}>>{nxt}")
+  question = (f"{name} has {start} {item}s. Each day {pron} {r.choice(GAIN)} as many more as the ones digit of "
+              f"the number {pron} has. How many {item}s does {name} have after {days} days?")
+  return {"question": question, "answer": "\n".join(steps) + f"\n#### {chain[-1]}"}
+
+
+COUNTS = ("two", "three", "four", "five", "six", "seven", "eight")
+
+
+def bag_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple[int, int]) -> dict:
+  """One ``bag`` problem: {"question", "answer"} (one line per amount, in any order, then ``#### n``).
+
+  Like ``week`` without the names: the question lists the amounts and a line may add any of them not added
+  yet, so choosing the next line is choosing an amount, and no amount has to be looked up by a name.
+  """
+  if max_steps > 1 + len(COUNTS):
+    raise ValueError(f"task 'bag' has at most {1 + len(COUNTS)} amounts, got max_steps={max_steps}")
+  name, pron = r.choice(NAMES)
+  item = r.choice(ITEMS)
+  n = r.randint(min_steps, max_steps)
+  start = r.randint(10, max(10, 99 - amounts[1] * n))  # small amounts keep every total under 100
+  found = [r.randint(*amounts) for _ in range(n)]
+  question = (f"{name} has {start} {item}s. On {COUNTS[n - 2]} walks {pron} {r.choice(GAIN)} "
+              + ", ".join(map(str, found[:-1])) + f" and {found[-1]} more. How many {item}s does {name} have now?")
+  total, steps = start, []
+  for a in r.sample(found, n):  # the walks are independent: any order is right
+    x, y = (total, a) if r.random() < 0.5 else (a, total)  # either order: both are right
+    steps.append(f"<<{x}+{y}={total + a}>>{total + a}")
+    total += a
+  return {"question": question, "answer": "\n".join(steps) + f"\n#### {total}"}
+
+
+TASKS = {"savings": savings_problem, "week": week_problem, "bag": bag_problem, "digits": digits_problem}
+
+
+def problem(r: random.Random, min_steps: int = 4, max_steps: int = 8, task: str = "savings",
+            amounts: tuple[int, int] = (2, 9)) -> dict:
+  """One random problem of ``task`` with ``min_steps`` to ``max_steps`` steps (days)."""
+  if task not in TASKS:
+    raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+  if not 2 <= min_steps <= max_steps:
+    raise ValueError(f"steps must satisfy 2 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
+  if not 1 <= amounts[0] <= amounts[1]:
+    raise ValueError(f"amounts must satisfy 1 <= low <= high, got {tuple(amounts)}")
+  return TASKS[task](r, min_steps, max_steps, tuple(amounts))
+
+
+def problems(n: int, seed: int, min_steps: int = 4, max_steps: int = 8, task: str = "savings",
+             amounts: tuple[int, int] = (2, 9)) -> list[dict]:
   """``n`` problems, the same for the same arguments."""
   r = random.Random(seed)
-  return [problem(r, min_steps, max_steps) for _ in range(n)]
+  return [problem(r, min_steps, max_steps, task, amounts) for _ in range(n)]
 
 
-def splits(n_train: int, n_test: int, seed: int, min_steps: int = 4, max_steps: int = 8
-           ) -> tuple[list[dict], list[dict]]:
+def splits(n_train: int, n_test: int, seed: int, min_steps: int = 4, max_steps: int = 8, task: str = "savings",
+           amounts: tuple[int, int] = (2, 9)) -> tuple[list[dict], list[dict]]:
   """(train, test): the test problems drawn from another seed, none sharing a question with train."""
-  train = problems(n_train, seed, min_steps, max_steps)
+  train = problems(n_train, seed, min_steps, max_steps, task, amounts)
   seen = {p["question"] for p in train}
   test, r = [], random.Random(seed + 1_000_003)
   while len(test) < n_test:
-    p = problem(r, min_steps, max_steps)
+    p = problem(r, min_steps, max_steps, task, amounts)
     if p["question"] not in seen:
       seen.add(p["question"])
       test.append(dict(p, id=len(test)))

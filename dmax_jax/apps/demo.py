@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 import time
 from typing import Optional, Sequence
@@ -68,12 +69,22 @@ def _done(path: str, name: str) -> bool:
 # ---------------------------------------------------------------- stages
 
 
+def check_data(config) -> None:
+  """Raises DemoError naming the bad ``config.data`` setting (task, steps, amounts), before anything is written."""
+  d = config.data
+  try:
+    arith.problem(random.Random(config.seed), d.min_steps, d.max_steps, d.task, d.amounts)
+  except ValueError as e:
+    raise DemoError(f"config.data: {e}") from None
+
+
 def make_data(config, workdir: str) -> tuple[str, str]:
   """Writes the generated train and test splits; returns their paths."""
   train_path, test_path = (os.path.join(workdir, "data", f"{s}.jsonl") for s in ("train", "test"))
   if not _done(test_path, "data"):
     d = config.data
-    train, test = arith.splits(d.n_train, d.n_test, config.seed, d.min_steps, d.max_steps)
+    check_data(config)
+    train, test = arith.splits(d.n_train, d.n_test, config.seed, d.min_steps, d.max_steps, d.task, d.amounts)
     arith.write_jsonl(train, train_path)
     arith.write_jsonl(test, test_path)
   return train_path, test_path
@@ -469,6 +480,7 @@ def run(config, workdir: str, progress: bool = True) -> str:
     t = now
 
   eval_runs(config)  # a bad eval.runs fails now, not after training
+  check_data(config)  # and so does a bad task, before the workdir records these settings
   check_workdir(config, workdir)
   train_path, test_path = make_data(config, workdir)
   tok_dir = make_tokenizer(config, workdir, train_path)
