@@ -16,8 +16,8 @@ def get_config():
   c.data.max_steps = 7  # 4-7 days: answers of 60-102 tokens, two to four blocks of 32
   c.model.max_position_embeddings = 256  # prompt (<= 68 tokens) + gen_length 112, rounded up to blocks of 32
   c.max_seq_len = 176  # prompt <= 68 + answer <= 102 tokens + eos labels
-  c.sft.steps = 1800  # optimizer steps
-  c.oput.lr = 4e-4  # peak learning rate (OPUT and the ablation)
+  c.sft.train.max_steps = 1800  # optimizer steps
+  c.oput.optim.lr = 4e-4  # peak learning rate (OPUT and the ablation)
   c.eval.runs = ("base:threshold", "oput:spd", "ablation:spd")  # the curves the figures compare
   c.eval.threshold_thresholds = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)  # 0.95 down to collapse
   c.eval.spd_thresholds = (0.9, 0.7, 0.5, 0.3, 0.1, 0.0)

@@ -277,7 +277,7 @@ TOY_FLAGS = ["--config.data.n_train=64", "--config.data.n_test=8", "--config.mod
              "--config.model.num_hidden_layers=2", "--config.model.num_attention_heads=2",
              "--config.model.num_key_value_heads=1", "--config.model.head_dim=16", "--config.model.intermediate_size=64",
              "--config.model.moe_intermediate_size=16", "--config.model.topk_group=1", "--config.max_seq_len=64",
-             "--config.sft.steps=3", "--config.sft.batch_size=8", "--noprogress"]
+             "--config.sft.train.max_steps=3", "--config.sft.train.global_batch_size=8", "--noprogress"]
 
 
 def _run_demo(workdir, *flags):
@@ -297,7 +297,7 @@ def test_run_demo_bad_task_is_one_line_and_writes_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_run_demo_diverging_training_is_one_line(tmp_path):
-  r = _run_demo(tmp_path / "w", "--config.sft.lr=1e12")
+  r = _run_demo(tmp_path / "w", "--config.sft.optim.lr=1e12")
   assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
   assert r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr[-2000:]
   assert not (tmp_path / "w" / "base").exists()  # no base model exported from a diverged run
