@@ -17,24 +17,25 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.n_train = 6000  # generated training problems (SFT); the distillation prompts are drawn from them
   c.data.n_test = 128  # held-out problems for the evaluation
-  c.data.min_steps = 4  # steps (events) per problem: each carries the previous result (dmax_jax.apps.arith)
-  c.data.max_steps = 5  # (the GPU config: up to 8; 5 keeps every answer within 84 tokens on CPU)
-  c.data.task = "savings"  # dmax_jax.arith.TASKS: "savings" (the same amount daily), "week" or "bag" (any order)
-  c.data.amounts = (2, 9)  # each day's amount is drawn from this range (inclusive)
+  c.data.min_steps = 4  # steps (days) per problem: each carries the previous result (dmax_jax.apps.arith)
+  c.data.max_steps = 5  # (5 keeps every answer within 84 tokens)
+  c.data.task = "digits"  # dmax_jax.apps.arith.TASKS: "digits" (each day adds the total's ones digit: the final
+  # number needs the chain; test starts are held out), "savings" (the same amount daily), "week"/"bag" (any order)
+  c.data.amounts = (2, 9)  # each day's amount (savings, week, bag) or the start's ones digit (digits), inclusive
 
   c.tokenizer_vocab = 512  # BPE vocabulary, digits split (eos = vocab - 2, mask = vocab - 1)
 
   c.model = ml_collections.ConfigDict(presets.DEMO_CPU)  # the SFT stage's architecture (token ids: the tokenizer's)
   c.compute_dtype = "float32"  # CPU: fp32 compute (bf16 matmuls are slow on CPU)
   c.moe_backend = "dense"  # every expert on every token: fastest at this size on CPU
-  c.max_seq_len = 128  # training sequence length (prompt 41 + answer <= 84 tokens + eos labels)
-  c.block_length = 8  # K: the training block size and the decoding block length
+  c.max_seq_len = 144  # training sequence length (prompt 50 + answer <= 84 tokens + eos labels)
+  c.block_length = 16  # K: the training block size and the decoding block length (a block holds 1-2 steps)
 
   s = c.sft = defaults()  # (1) block-diffusion SFT from scratch: the base model (a training config, train.py's)
   s.init_from = "scratch"  # random init from the model below
-  s.train.max_steps = 400  # optimizer steps
+  s.train.max_steps = 1200  # optimizer steps
   s.train.global_batch_size = 16  # sequences per step
-  s.train.save_every = 100  # a few checkpoints to resume from
+  s.train.save_every = 300  # a few checkpoints to resume from
   s.optim.lr = 3e-3  # peak AdamW learning rate (warmup then cosine)
   s.optim.warmup_ratio = 0.05  # warmup fraction
   s.objective.oput = False  # plain block-diffusion SFT

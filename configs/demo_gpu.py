@@ -11,6 +11,7 @@ def get_config():
   c = demo_cpu.get_config()
   c.data.n_train = 30000  # generated training problems
   c.data.n_test = 512  # held-out problems
+  c.data.task = "savings"  # the same amount every day (BENCHMARKS.md, variant C on GPU)
   c.data.max_steps = 8  # chains of 4-8 steps: answers of 68-132 tokens, three to five blocks of 32
   c.tokenizer_vocab = 1024  # BPE vocabulary, digits split
   c.model.update(presets.DEMO_GPU)  # ~30M parameters: D 384, 8 layers, 16 experts (dmax_jax.model.presets)

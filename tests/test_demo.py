@@ -117,6 +117,18 @@ def test_bad_task_settings_are_refused(kwargs, match):
     arith.problems(3, 0, **kwargs)
 
 
+def test_digits_test_split_holds_out_starts():
+  def start(p):
+    return int(re.match(r"\w+ has (\d+) ", p["question"]).group(1))
+
+  train, test = arith.splits(2000, 100, 0, 4, 5, task="digits")
+  train_starts, test_starts = {start(p) for p in train}, {start(p) for p in test}
+  assert not train_starts & test_starts and len(test_starts) >= 8 and len(train_starts) >= 3 * len(test_starts) - 8
+  assert all(arith.heldout_start(s) for s in test_starts) and not any(arith.heldout_start(s) for s in train_starts)
+  with pytest.raises(ValueError, match="part must be"):
+    arith.problems(1, 0, task="digits", part="dev")
+
+
 def test_step_count_range_is_respected():
   counts = {p["answer"].count("<<") for p in arith.problems(200, 1, 3, 5)}
   assert counts == {3, 4, 5}

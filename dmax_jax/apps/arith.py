@@ -62,7 +62,8 @@ GAIN = ("buys", "finds", "gets", "wins")
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 
 
-def savings_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple[int, int]) -> dict:
+def savings_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple[int, int],
+                    part: str = "any") -> dict:
   """One ``savings`` problem: {"question", "answer"} (one step per day, then ``#### n``).
 
   The daily amount is drawn from ``amounts`` (inclusive); the start keeps every total two-digit.
@@ -85,7 +86,8 @@ def savings_problem(r: random.Random, min_steps: int, max_steps: int, amounts: t
   return {"question": question, "answer": "\n".join(steps) + f"\n#### {total}"}
 
 
-def week_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple[int, int]) -> dict:
+def week_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple[int, int],
+                 part: str = "any") -> dict:
   """One ``week`` problem: {"question", "answer"} (one line per day, the days in a random order, then ``#### n``).
 
   The start is a two-digit number (low enough that single-digit amounts keep every total two-digit), each
@@ -111,12 +113,15 @@ def week_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tupl
   return {"question": question, "answer": "\n".join(steps) + f"\n#### {total}"}
 
 
-def digits_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple[int, int]) -> dict:
+def digits_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple[int, int],
+                   part: str = "any") -> dict:
   """One ``digits`` problem: {"question", "answer"} (one step per day, then ``#### n``).
 
   Each day adds the ones digit of the running total, so every step needs the previous step's result and no
   closed form of the prompt gives the last one. ``amounts`` bounds the start's ones digit (inclusive); starts
-  whose chain would reach a ones digit of 0 (a step adding nothing) or pass 99 are drawn again.
+  whose chain would reach a ones digit of 0 (a step adding nothing) or pass 99 are drawn again. There are only
+  about fifty starts, so held-out means held-out starts: ``part="test"`` draws from the quarter of them that
+  ``heldout_start`` picks, ``part="train"`` from the rest (no test start is ever a training start).
   """
   name, pron = r.choice(NAMES)
   item = r.choice(ITEMS)
@@ -126,7 +131,7 @@ def digits_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tu
     chain = [start]
     for _ in range(days):
       chain.append(chain[-1] + chain[-1] % 10)
-    if chain[-1] <= 99 and all(x % 10 for x in chain):
+    if chain[-1] <= 99 and all(x % 10 for x in chain) and part in ("any", ("train", "test")[heldout_start(start)]):
       break
   steps = []
   for day, (total, nxt) in enumerate(zip(chain, chain[1:]), 1):
@@ -138,10 +143,16 @@ def digits_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tu
   return {"question": question, "answer": "\n".join(steps) + f"\n#### {chain[-1]}"}
 
 
+def heldout_start(start: int) -> bool:
+  """Whether a ``digits`` start belongs to the test split (a fixed quarter of the starts, spread over tens and ones)."""
+  return (start // 10 + start) % 4 == 0
+
+
 COUNTS = ("two", "three", "four", "five", "six", "seven", "eight")
 
 
-def bag_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple[int, int]) -> dict:
+def bag_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple[int, int],
+                part: str = "any") -> dict:
   """One ``bag`` problem: {"question", "answer"} (one line per amount, in any order, then ``#### n``).
 
   Like ``week`` without the names: the question lists the amounts and a line may add any of them not added
@@ -168,32 +179,38 @@ TASKS = {"savings": savings_problem, "week": week_problem, "bag": bag_problem, "
 
 
 def problem(r: random.Random, min_steps: int = 4, max_steps: int = 8, task: str = "savings",
-            amounts: tuple[int, int] = (2, 9)) -> dict:
-  """One random problem of ``task`` with ``min_steps`` to ``max_steps`` steps (days)."""
+            amounts: tuple[int, int] = (2, 9), part: str = "any") -> dict:
+  """One random problem of ``task`` with ``min_steps`` to ``max_steps`` steps (days).
+
+  ``part`` ("any", "train" or "test"): tasks whose problems are few hold some out by construction (``digits``:
+  by start); the others ignore it and ``splits`` holds out by question.
+  """
   if task not in TASKS:
     raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+  if part not in ("any", "train", "test"):
+    raise ValueError(f"part must be 'any', 'train' or 'test', got {part!r}")
   if not 2 <= min_steps <= max_steps:
     raise ValueError(f"steps must satisfy 2 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
   if not 1 <= amounts[0] <= amounts[1]:
     raise ValueError(f"amounts must satisfy 1 <= low <= high, got {tuple(amounts)}")
-  return TASKS[task](r, min_steps, max_steps, tuple(amounts))
+  return TASKS[task](r, min_steps, max_steps, tuple(amounts), part)
 
 
 def problems(n: int, seed: int, min_steps: int = 4, max_steps: int = 8, task: str = "savings",
-             amounts: tuple[int, int] = (2, 9)) -> list[dict]:
+             amounts: tuple[int, int] = (2, 9), part: str = "any") -> list[dict]:
   """``n`` problems, the same for the same arguments."""
   r = random.Random(seed)
-  return [problem(r, min_steps, max_steps, task, amounts) for _ in range(n)]
+  return [problem(r, min_steps, max_steps, task, amounts, part) for _ in range(n)]
 
 
 def splits(n_train: int, n_test: int, seed: int, min_steps: int = 4, max_steps: int = 8, task: str = "savings",
            amounts: tuple[int, int] = (2, 9)) -> tuple[list[dict], list[dict]]:
   """(train, test): the test problems drawn from another seed, none sharing a question with train."""
-  train = problems(n_train, seed, min_steps, max_steps, task, amounts)
+  train = problems(n_train, seed, min_steps, max_steps, task, amounts, "train")
   seen = {p["question"] for p in train}
   test, r = [], random.Random(seed + 1_000_003)
   while len(test) < n_test:
-    p = problem(r, min_steps, max_steps, task, amounts)
+    p = problem(r, min_steps, max_steps, task, amounts, "test")
     if p["question"] not in seen:
       seen.add(p["question"])
       test.append(dict(p, id=len(test)))

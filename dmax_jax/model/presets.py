@@ -30,9 +30,9 @@ TINY = dict(  # one dense layer then one MoE layer; eos 510, mask 511 (tokenizer
     topk_group=2, rope_theta=10000.0, max_position_embeddings=256, mask_token_id=511, eos_token_id=510,
     pad_token_id=510)
 
-DEMO_CPU = dict(  # one dense layer then three MoE layers; positions: prompt (41) + gen length 88, in blocks
-    _LLADA2_SHAPE, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-    intermediate_size=256, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2, n_group=2, topk_group=2,
+DEMO_CPU = dict(  # one dense layer then one MoE layer, D 64; positions: prompt (50) + gen length 88, in blocks of 16
+    _LLADA2_SHAPE, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+    intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, n_group=2, topk_group=2,
     rope_theta=10000.0, max_position_embeddings=144)
 
 DEMO_GPU = dict(  # ~30M parameters: one dense layer then seven MoE layers; prompt 41 + gen length 136, blocks of 32
