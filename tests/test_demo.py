@@ -121,12 +121,16 @@ def test_digits_test_split_holds_out_starts():
   def start(p):
     return int(re.match(r"\w+ has (\d+) ", p["question"]).group(1))
 
-  train, test = arith.splits(2000, 100, 0, 4, 5, task="digits")
+  train, test = arith.splits(2000, 100, 0, 4, 5, task="digits", hold_out="start")
   train_starts, test_starts = {start(p) for p in train}, {start(p) for p in test}
   assert not train_starts & test_starts and len(test_starts) >= 8 and len(train_starts) >= 3 * len(test_starts) - 8
   assert all(arith.heldout_start(s) for s in test_starts) and not any(arith.heldout_start(s) for s in train_starts)
   with pytest.raises(ValueError, match="part must be"):
     arith.problems(1, 0, task="digits", part="dev")
+  with pytest.raises(ValueError, match="hold_out must be"):
+    arith.splits(10, 2, 0, task="savings", hold_out="start")
+  train, test = arith.splits(2000, 100, 0, 4, 5, task="digits")  # questions only: the chains repeat
+  assert {start(p) for p in test} <= {start(p) for p in train}
 
 
 def test_step_count_range_is_respected():

@@ -120,8 +120,8 @@ def digits_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tu
   Each day adds the ones digit of the running total, so every step needs the previous step's result and no
   closed form of the prompt gives the last one. ``amounts`` bounds the start's ones digit (inclusive); starts
   whose chain would reach a ones digit of 0 (a step adding nothing) or pass 99 are drawn again. There are only
-  about fifty starts, so held-out means held-out starts: ``part="test"`` draws from the quarter of them that
-  ``heldout_start`` picks, ``part="train"`` from the rest (no test start is ever a training start).
+  about fifty starts: ``part="test"`` draws from the quarter of them that ``heldout_start`` picks,
+  ``part="train"`` from the rest (``splits(hold_out="start")``: no test start is ever a training start).
   """
   name, pron = r.choice(NAMES)
   item = r.choice(ITEMS)
@@ -204,13 +204,22 @@ def problems(n: int, seed: int, min_steps: int = 4, max_steps: int = 8, task: st
 
 
 def splits(n_train: int, n_test: int, seed: int, min_steps: int = 4, max_steps: int = 8, task: str = "savings",
-           amounts: tuple[int, int] = (2, 9)) -> tuple[list[dict], list[dict]]:
-  """(train, test): the test problems drawn from another seed, none sharing a question with train."""
-  train = problems(n_train, seed, min_steps, max_steps, task, amounts, "train")
+           amounts: tuple[int, int] = (2, 9), hold_out: str = "question") -> tuple[list[dict], list[dict]]:
+  """(train, test): the test problems drawn from another seed, none sharing a question with train.
+
+  ``hold_out="question"`` holds out questions only: with few distinct chains (``digits`` has about a hundred)
+  the test chains also occur in training under other names and items, so accuracy then measures decoding,
+  not generalisation. ``hold_out="start"`` (``digits`` only) also keeps every test start out of training.
+  """
+  if hold_out not in ("question", "start") or (hold_out == "start" and task != "digits"):
+    raise ValueError(f"hold_out must be 'question' (any task) or 'start' (task 'digits'), got {hold_out!r} for "
+                     f"task {task!r}")
+  part = "train" if hold_out == "start" else "any"
+  train = problems(n_train, seed, min_steps, max_steps, task, amounts, part)
   seen = {p["question"] for p in train}
   test, r = [], random.Random(seed + 1_000_003)
   while len(test) < n_test:
-    p = problem(r, min_steps, max_steps, task, amounts, "test")
+    p = problem(r, min_steps, max_steps, task, amounts, "test" if part == "train" else "any")
     if p["question"] not in seen:
       seen.add(p["question"])
       test.append(dict(p, id=len(test)))

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 import time
 from typing import Optional, Sequence
@@ -70,10 +69,11 @@ def _done(path: str, name: str) -> bool:
 
 
 def check_data(config) -> None:
-  """Raises DemoError naming the bad ``config.data`` setting (task, steps, amounts), before anything is written."""
+  """Raises DemoError naming the bad ``config.data`` setting (task, steps, amounts, hold-out), before anything is
+  written."""
   d = config.data
   try:
-    arith.problem(random.Random(config.seed), d.min_steps, d.max_steps, d.task, d.amounts)
+    arith.splits(1, 1, config.seed, d.min_steps, d.max_steps, d.task, d.amounts, d.hold_out)
   except ValueError as e:
     raise DemoError(f"config.data: {e}") from None
 
@@ -84,7 +84,8 @@ def make_data(config, workdir: str) -> tuple[str, str]:
   if not _done(test_path, "data"):
     d = config.data
     check_data(config)
-    train, test = arith.splits(d.n_train, d.n_test, config.seed, d.min_steps, d.max_steps, d.task, d.amounts)
+    train, test = arith.splits(d.n_train, d.n_test, config.seed, d.min_steps, d.max_steps, d.task, d.amounts,
+                               d.hold_out)
     arith.write_jsonl(train, train_path)
     arith.write_jsonl(test, test_path)
   return train_path, test_path
