@@ -62,6 +62,27 @@ GAIN = ("buys", "finds", "gets", "wins")
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 
 
+def _running_sum(r: random.Random, start: int, lines: list[tuple[str, int]]) -> str:
+  """The worked answer adding ``lines``' amounts to ``start`` in the order given: ``prefix<<a+b=c>>c`` lines, each
+  sum's operands in either order (both are right), then ``#### total``."""
+  total, steps = start, []
+  for prefix, a in lines:
+    x, y = (total, a) if r.random() < 0.5 else (a, total)
+    steps.append(f"{prefix}<<{x}+{y}={total + a}>>{total + a}")
+    total += a
+  return "\n".join(steps) + f"\n#### {total}"
+
+
+def _story(r: random.Random, min_steps: int, max_steps: int, amounts: tuple[int, int]):
+  """(name, pronoun, item, start, amounts) of a story with one amount per step; small amounts keep every total
+  under 100."""
+  name, pron = r.choice(NAMES)
+  item = r.choice(ITEMS)
+  n = r.randint(min_steps, max_steps)
+  start = r.randint(10, max(10, 99 - amounts[1] * n))
+  return name, pron, item, start, [r.randint(*amounts) for _ in range(n)]
+
+
 def savings_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple[int, int],
                     part: str = "any") -> dict:
   """One ``savings`` problem: {"question", "answer"} (one step per day, then ``#### n``).
@@ -76,14 +97,10 @@ def savings_problem(r: random.Random, min_steps: int, max_steps: int, amounts: t
   days = r.randint(min_steps, max_steps)
   d = r.randint(*amounts)
   total = start = r.randint(10, 99 - d * days)
-  steps = []
-  for day in range(1, days + 1):
-    x, y = (total, d) if r.random() < 0.5 else (d, total)  # either order: both are right
-    steps.append(f"Day {day}: <<{x}+{y}={total + d}>>{total + d}")
-    total += d
+  answer = _running_sum(r, start, [(f"Day {day}: ", d) for day in range(1, days + 1)])
   question = (f"{name} has {start} {item}s. Each day {pron} {r.choice(GAIN)} {d} more. "
               f"How many {item}s does {name} have after {days} days?")
-  return {"question": question, "answer": "\n".join(steps) + f"\n#### {total}"}
+  return {"question": question, "answer": answer}
 
 
 def week_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple[int, int],
@@ -95,22 +112,14 @@ def week_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tupl
   """
   if max_steps > len(DAYS):
     raise ValueError(f"task 'week' has at most {len(DAYS)} days, got max_steps={max_steps}")
-  name, pron = r.choice(NAMES)
-  item = r.choice(ITEMS)
-  days = r.randint(min_steps, max_steps)
-  start = r.randint(10, max(10, 99 - amounts[1] * days))  # small amounts keep every total under 100
-  found = [r.randint(*amounts) for _ in range(days)]
+  name, pron, item, start, found = _story(r, min_steps, max_steps, amounts)
+  days = len(found)
   parts = [f"On Monday {pron} {r.choice(GAIN)} {found[0]} more"] + [f"on {DAYS[i]} {a}" for i, a in
                                                                    enumerate(found[1:], 1)]
   question = (f"{name} has {start} {item}s. " + ", ".join(parts[:-1]) + f" and {parts[-1]}. "
               f"How many {item}s does {name} have now?")
-  total, steps = start, []
-  for i in r.sample(range(days), days):  # the days are independent: any order is right
-    a = found[i]
-    x, y = (total, a) if r.random() < 0.5 else (a, total)  # either order: both are right
-    steps.append(f"{DAYS[i]}: <<{x}+{y}={total + a}>>{total + a}")
-    total += a
-  return {"question": question, "answer": "\n".join(steps) + f"\n#### {total}"}
+  order = r.sample(range(days), days)  # the days are independent: any order is right
+  return {"question": question, "answer": _running_sum(r, start, [(f"{DAYS[i]}: ", found[i]) for i in order])}
 
 
 def digits_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple[int, int],
@@ -160,19 +169,12 @@ def bag_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple
   """
   if max_steps > 1 + len(COUNTS):
     raise ValueError(f"task 'bag' has at most {1 + len(COUNTS)} amounts, got max_steps={max_steps}")
-  name, pron = r.choice(NAMES)
-  item = r.choice(ITEMS)
-  n = r.randint(min_steps, max_steps)
-  start = r.randint(10, max(10, 99 - amounts[1] * n))  # small amounts keep every total under 100
-  found = [r.randint(*amounts) for _ in range(n)]
+  name, pron, item, start, found = _story(r, min_steps, max_steps, amounts)
+  n = len(found)
   question = (f"{name} has {start} {item}s. On {COUNTS[n - 2]} walks {pron} {r.choice(GAIN)} "
               + ", ".join(map(str, found[:-1])) + f" and {found[-1]} more. How many {item}s does {name} have now?")
-  total, steps = start, []
-  for a in r.sample(found, n):  # the walks are independent: any order is right
-    x, y = (total, a) if r.random() < 0.5 else (a, total)  # either order: both are right
-    steps.append(f"<<{x}+{y}={total + a}>>{total + a}")
-    total += a
-  return {"question": question, "answer": "\n".join(steps) + f"\n#### {total}"}
+  order = r.sample(found, n)  # the walks are independent: any order is right
+  return {"question": question, "answer": _running_sum(r, start, [("", a) for a in order])}
 
 
 TASKS = {"savings": savings_problem, "week": week_problem, "bag": bag_problem, "digits": digits_problem}

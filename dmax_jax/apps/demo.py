@@ -336,13 +336,10 @@ def summary(fig: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-  lines = ["| model | strategy | threshold | accuracy | strict | TPF | TPF (+prefill) | tokens/s |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-  for r in rows:
-    lines.append(f"| {r['model']} | {r['strategy']} | {r['threshold']:g} | {_pct(r['accuracy'])} | "
-                 f"{_pct(r.get('strict_accuracy', 0.0))} | {r['tpf']:.2f} | {r['tpf_with_prefill']:.2f} | "
-                 f"{r['tokens_per_second']:.0f} |")
-  return "\n".join(lines) + "\n"
+  header = ("model", "strategy", "threshold", "accuracy", "strict", "TPF", "TPF (+prefill)", "tokens/s")
+  return evaluate.table(header, [(r["model"], r["strategy"], f"{r['threshold']:g}", _pct(r["accuracy"]),
+                                  _pct(r.get("strict_accuracy", 0.0)), f"{r['tpf']:.2f}", f"{r['tpf_with_prefill']:.2f}",
+                                  f"{r['tokens_per_second']:.0f}") for r in rows])
 
 
 STYLE = {("base", "threshold"): ("tab:blue", "o", "--"), ("base", "spd"): ("tab:gray", "v", ":"),

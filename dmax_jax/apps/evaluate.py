@@ -91,15 +91,19 @@ def summarize(rows: Sequence[dict], strategy: str, threshold: float, of: int, re
   }
 
 
+def table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+  """A Markdown table: ``header`` then one row of ``cells`` per entry."""
+  lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+  return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells]) + "\n"
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
-  lines = ["| strategy | threshold | decoded | rejected | accuracy | strict | mean TPF | TPF (+prefill) | tokens/s "
-           "| mean tokens |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-  for r in rows:
-    lines.append(f"| {r['strategy']} | {r['threshold']} | {r['n']}/{r['of']} | {r['rejected']} | "
-                 f"{100 * r['accuracy']:.1f}% | {100 * r['strict_accuracy']:.1f}% | {r['mean_tpf']:.2f} | "
-                 f"{r['tpf_with_prefill']:.2f} | {r['tokens_per_second']:.1f} | {r['mean_tokens']:.1f} |")
-  return "\n".join(lines) + "\n"
+  header = ("strategy", "threshold", "decoded", "rejected", "accuracy", "strict", "mean TPF", "TPF (+prefill)",
+            "tokens/s", "mean tokens")
+  return table(header, [(r["strategy"], str(r["threshold"]), f"{r['n']}/{r['of']}", str(r["rejected"]),
+                         f"{100 * r['accuracy']:.1f}%", f"{100 * r['strict_accuracy']:.1f}%", f"{r['mean_tpf']:.2f}",
+                         f"{r['tpf_with_prefill']:.2f}", f"{r['tokens_per_second']:.1f}", f"{r['mean_tokens']:.1f}")
+                        for r in rows])
 
 
 @dataclasses.dataclass
