@@ -88,7 +88,9 @@ def quantize(w, group_size: Optional[int] = None) -> Int8Weight:
     raise ValueError(f"group_size {group_size} does not divide the contraction dimension {K}")
   w32 = w.astype(xp.float32).reshape(w.shape[:-2] + (K // group, group, N))
   amax = xp.max(xp.abs(w32), axis=-2)  # [..., G, N]
-  scale = xp.where(amax > 0, amax / QMAX, 1.0).astype(xp.float32)
+  # times the float32 reciprocal, not divided: XLA turns a division by a constant into that product, and the
+  # host (conversion) and device (quantizing at load) must produce the same bits
+  scale = xp.where(amax > 0, amax * np.float32(1 / QMAX), np.float32(1)).astype(xp.float32)
   values = xp.clip(xp.round(w32 / scale[..., None, :]), -QMAX, QMAX).astype(xp.int8)
   return Int8Weight(values.reshape(w.shape), scale)
 
