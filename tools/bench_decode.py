@@ -205,6 +205,7 @@ def main(argv=None):
   ap.add_argument("--loop", type=int, default=10, help="forwards per timed device loop")
   ap.add_argument("--no-spd", action="store_true")
   ap.add_argument("--only-spd", action="store_true", help="skip the prefill and forward rows")
+  ap.add_argument("--no-prefill", action="store_true", help="skip the prefill row")
   ap.add_argument("--json", default=None)
   ap.add_argument("--mesh", default="", help="split the weights over a device mesh, e.g. expert=8 or expert=4,tensor=2")
   ap.add_argument("--weights", default="bf16", help="comma separated: bf16 and/or int8 (weight-only int8 experts)")
@@ -285,7 +286,7 @@ def main(argv=None):
         return measured[routing, batch, Lq]
 
       set_routing("raw")
-      if not args.only_spd:
+      if not (args.only_spd or args.no_prefill):
         pre = bench_prefill(c, params, S, args.rounds)
         rows.append(dict(what="prefill 512", backend=backend, weights=weights, routing="raw", batch=1, **stats(pre)))
       for routing in ([] if args.only_spd else args.routing.split(",")):
