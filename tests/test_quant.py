@@ -171,6 +171,14 @@ def test_quantized_checkpoint_round_trip(tiny, tiny_int8, tmp_path):
           np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
         else:
           assert b.dtype == jnp.bfloat16
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    from etils import epath  # pylint: disable=import-outside-toplevel
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(f"{path}/params")).tree
+    plain = ocp.PyTreeCheckpointer(use_ocdbt=False).restore(  # Orbax itself reads it, as nested dicts
+        f"{path}/params", restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=one), meta))
+    np.testing.assert_array_equal(plain["moe"]["w_up"]["values"], np.asarray(params["moe"]["w_up"].values))
+    np.testing.assert_array_equal(plain["moe"]["shared_down"]["scale"], np.asarray(params["moe"]["shared_down"].scale))
 
 
 @pytest.mark.parametrize("group", [None, 16])
