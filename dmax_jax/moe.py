@@ -21,6 +21,10 @@ which prepares its own weight layout (``prepare_experts``):
   experts (see ``dmax_jax/kernels``), forward only, for decoding on the GPU.
   Inside a layer scan it reads every layer's experts in place from one
   flattened (or, expert-parallel, stacked) array instead of a per-layer slice.
+
+Expert weights (routed and shared) may be weight-only int8 (``quant.Int8Weight``):
+the ``pallas`` kernels read the int8 values and scales themselves (the shared
+expert then runs through them too); ``grouped`` and ``dense`` dequantize first.
 """
 
 from __future__ import annotations
