@@ -298,6 +298,8 @@ def main(argv=None):
           rows.append(dict(what="forward 32/512", backend=backend, weights=weights, routing=routing, batch=batch, **st,
                            experts_per_layer=float(np.mean(touched)), bytes=nbytes, limit=limit, ratio=st["median"] / limit,
                            implied_tok_s=5.47 * batch / st["median"]))
+          print(f"forward {backend} {weights} {routing} batch {batch}: {1e3 * st['median']:.3f} ms, "
+                f"{rows[-1]['ratio']:.2f}x limit", flush=True)  # as it comes (a cut-off run keeps it)
       if not args.no_spd:
         # Uniform routing here, so the loop and the bare forwards it is compared with touch as many experts.
         prompt_len, gen = K, S - K  # a one-block prompt and 15 decoded blocks: the prefill is negligible

@@ -280,6 +280,10 @@ def grouped_down(h_PF, expert_B, used, w_down_EFD, *, block_rows, tiles=None, in
 # shapes); with them each kernel runs at ~1.07x of its touched-weight bytes in the decoding forward.
 GATE_UP_TILES = Tiles(n=128, k=128, num_warps=4, num_stages=3)
 DOWN_TILES = Tiles(n=128, k=128, num_warps=4, num_stages=3)
+# The shared expert is one weight for all T tokens, a few row blocks: narrower output tiles give its
+# kernels more programs to spread the weight reads over (a guess, not yet tuned by measurement).
+SHARED_GATE_UP_TILES = Tiles(n=32, k=128, num_warps=4, num_stages=3)
+SHARED_DOWN_TILES = Tiles(n=64, k=128, num_warps=4, num_stages=3)
 
 
 def shared_expert_pallas(x_TD, w_gate_DS, w_up_DS, w_down_SD, *, block_rows=16, interpret=None,
@@ -296,8 +300,8 @@ def shared_expert_pallas(x_TD, w_gate_DS, w_up_DS, w_down_SD, *, block_rows=16, 
   src_P = jnp.minimum(jnp.arange(B * block_rows, dtype=jnp.int32), T)
   expert_B, used = jnp.zeros((B,), jnp.int32), jnp.full((1,), B, jnp.int32)
   kw = dict(block_rows=block_rows, interpret=interpret)
-  h_PF = grouped_swiglu(x_TD, src_P, expert_B, used, one[0], one[1], tiles=gate_up_tiles, **kw)
-  return grouped_down(h_PF, expert_B, used, one[2], tiles=down_tiles, **kw)[:T]
+  h_PF = grouped_swiglu(x_TD, src_P, expert_B, used, one[0], one[1], tiles=gate_up_tiles or SHARED_GATE_UP_TILES, **kw)
+  return grouped_down(h_PF, expert_B, used, one[2], tiles=down_tiles or SHARED_DOWN_TILES, **kw)[:T]
 
 
 def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, block_rows=16, interpret=None,
