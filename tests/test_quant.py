@@ -1,6 +1,9 @@
 """int8 weight-only experts: quantize/dequantize, the kernels and fallbacks, checkpoints, decoding, logits' error."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +16,7 @@ from dmax_jax import decoding, evaluate, moe, quant
 from dmax_jax.cli import decode_main
 from dmax_jax.kernels import moe_pallas
 from dmax_jax.records import read_records
-from conftest import generate_as_cli_batches, with_numerics
+from conftest import REPO, generate_as_cli_batches, with_numerics
 from tiny_ckpt import make_checkpoint
 
 
@@ -259,3 +262,36 @@ def test_pallas_int8_mini_shapes_gpu(T, group):
   dg, du, dd = (quant.dequantize(a, jnp.bfloat16) for a in shared)
   want_s = (jax.nn.silu(x @ dg) * (x @ du)) @ dd
   assert _rel(got_s, want_s) < 1e-2
+
+
+MESH_SCRIPT = """
+import dataclasses, sys
+import numpy as np, jax
+jax.config.update("jax_default_matmul_precision", "highest")
+import dmax_jax
+from dmax_jax import quant, sharding
+assert jax.device_count() == 4
+cfg, params = dmax_jax.load_hf_checkpoint(sys.argv[1])
+params = quant.quantize_params(params, group_size=16)
+tokens = np.random.default_rng(0).integers(0, 510, (2, 24))
+for backend, axes in (("pallas", dict(expert=4)), ("grouped", dict(expert=2, tensor=2))):
+  c = dataclasses.replace(cfg, moe_backend=backend)
+  want = np.asarray(dmax_jax.forward(params, c, tokens=tokens))
+  mesh = sharding.make_mesh(axes)
+  split = jax.device_put(params, sharding.tree_shardings(mesh, params))
+  assert split["moe"]["w_gate"].values.sharding.spec[1] == "expert"
+  with jax.set_mesh(mesh):
+    got = np.asarray(jax.jit(lambda p: dmax_jax.forward(p, c, tokens=tokens))(split))
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  print(backend, "ok")
+"""
+
+
+@pytest.mark.slow  # a 4-device subprocess, ~30 s on 2 cores
+def test_int8_forward_split_over_a_mesh_equals_one_device(tiny_dir):
+  """int8 experts split over the ``expert`` (and ``tensor``) axes: the one-device forward (fp32)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  r = subprocess.run([sys.executable, "-c", MESH_SCRIPT, tiny_dir], env=env, capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0 and "grouped ok" in r.stdout, r.stderr[-3000:]
