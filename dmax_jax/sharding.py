@@ -94,6 +94,8 @@ def param_spec(mesh: Mesh, name: str, shape) -> P:
 def _leaf_name(path) -> str:
   keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
   keys = [k for k in keys if isinstance(k, str)]
+  if len(keys) > 1 and keys[-1] in ("values", "scale"):  # an int8 weight's parts (quant.Int8Weight) split as it
+    keys = keys[:-1]
   return keys[-1] if keys else ""
 
 

@@ -41,3 +41,27 @@ def test_bad_mesh_is_a_one_line_error(tmp_path):
   r = subprocess.run([sys.executable, "tools/bench_decode.py", "--tiny", "--mesh", "expert=3"], cwd=REPO, env=env,
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 2 and "--mesh expert=3" in r.stderr and "Traceback" not in r.stderr
+
+
+def _int8_rows(rows):
+  return {(r["what"], r["weights"]): r for r in rows}
+
+
+def test_int8_rows_beside_bf16(tmp_path):
+  """int8 experts: forward rows with fewer bytes read than bf16, their limit, ratio, tokens/s and speed-up."""
+  res, stdout = _run(tmp_path, "--weights", "bf16,int8", "--routing", "uniform", "--no-spd")
+  rows = _int8_rows(res["rows"])
+  bf16, int8 = rows["forward 32/512", "bf16"], rows["forward 32/512", "int8"]
+  assert int8["experts_per_layer"] == bf16["experts_per_layer"] > 0  # same routing
+  assert 0.5 * bf16["bytes"] < int8["bytes"] < 0.9 * bf16["bytes"]
+  assert int8["limit"] == pytest.approx(int8["bytes"] / res["copy_bw"])
+  assert int8["ratio"] > 0 and int8["implied_tok_s"] > 0 and int8["vs_bf16"] > 0
+  assert "prefill 512" in {w for w, _ in rows} and "int8" in stdout and "x bf16" in stdout
+
+
+@pytest.mark.slow  # ~2 min on 2 cores
+def test_int8_spd_loop(tmp_path):
+  res, _ = _run(tmp_path, "--weights", "bf16,int8", "--routing", "uniform", "--only-spd")
+  rows = _int8_rows(res["rows"])
+  assert rows["spd loop", "int8"]["forwards"] > 0 and rows["spd loop", "int8"]["vs_bf16"] > 0
+  assert rows["spd loop", "bf16"]["forwards_per_s"] > 0

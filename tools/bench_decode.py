@@ -4,6 +4,7 @@
   python tools/bench_decode.py --tiny                # tiny shapes, any device (smoke test)
   python tools/bench_decode.py --backends pallas,grouped --batches 1,8 --json OUT.json
   python tools/bench_decode.py --mesh expert=8            # weights split over 8 GPUs (expert-parallel MoE)
+  python tools/bench_decode.py --weights bf16,int8 --routing uniform   # int8 experts beside bf16
 
 Reports median / min / max over rounds of:
   prefill   one 512-token forward that fills the KV cache (batch 1);
@@ -16,6 +17,11 @@ For each forward it also reports the distinct routed experts touched per MoE lay
 forward must read (weights it touches + the KV cache), the bandwidth limit = bytes / copy bandwidth
 (measured in the same run), and measured / limit.
 
+Weights (``--weights``): ``bf16`` everywhere, or ``int8``: the routed and shared experts weight-only
+int8 (``quant.quantize_params``, per output channel or ``--group-size`` rows of K per scale), the
+rest bf16; int8 rows count 1 byte per expert weight plus the float32 scales, and report their speed-up
+over the bf16 row of the same kind (``vs bf16``).
+
 Routing: ``raw`` uses the random router weights as they are (random hidden states route to few
 experts); ``uniform`` replaces the router's choice by uniform random top-k per token, which touches
 about as many experts as a trained model does.
@@ -27,6 +33,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import statistics
 import sys
@@ -39,9 +46,9 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from dmax_jax.model import presets  # pylint: disable=wrong-import-position
-from dmax_jax import decoding, sharding
-from dmax_jax.model import transformer as model
-from dmax_jax.model import params as params_lib  # pylint: disable=wrong-import-position
+from dmax_jax import decoding, sharding  # pylint: disable=wrong-import-position
+from dmax_jax.model import transformer as model  # pylint: disable=wrong-import-position
+from dmax_jax.model import params as params_lib, quant  # pylint: disable=wrong-import-position
 from dmax_jax.apps.benchmarking import copy_bandwidths, device_kernel_times, time_calls  # pylint: disable=wrong-import-position
 
 def with_routing(cfg, mode):
@@ -53,14 +60,21 @@ def make_params(cfg, key):
   return jax.jit(lambda k: params_lib.init_params(cfg, k, jnp.bfloat16))(key)
 
 
-def forward_bytes(cfg, touched_per_layer, batch, cache_len):
-  """Bytes one decoding forward must read: lm_head, attention, dense MLP, routers, shared and touched experts, KV cache."""
+def forward_bytes(cfg, touched_per_layer, batch, cache_len, weights="bf16", group_size=None):
+  """Bytes one decoding forward must read: lm_head, attention, dense MLP, routers, shared and touched experts, KV cache.
+
+  ``weights="int8"``: the shared and routed experts' int8 values and float32 scales (``quant.weight_bytes``).
+  """
   b = 2  # bf16
   D, V = cfg.hidden_size, cfg.vocab_size
   attn = (D * cfg.qkv_size + cfg.num_attention_heads * cfg.head_dim * D) * b * cfg.num_hidden_layers
   dense = 3 * D * cfg.intermediate_size * b * cfg.num_dense_layers
-  fixed_moe = (D * cfg.num_experts + 3 * D * cfg.shared_intermediate_size) * b * cfg.num_moe_layers
-  expert = 3 * D * cfg.moe_intermediate_size * b
+
+  def swiglu_bytes(F):  # gate and up [D, F], down [F, D]
+    return sum(quant.weight_bytes(s, group_size, quantized=weights == "int8") for s in ((D, F), (D, F), (F, D)))
+
+  fixed_moe = (D * cfg.num_experts * b + swiglu_bytes(cfg.shared_intermediate_size)) * cfg.num_moe_layers
+  expert = swiglu_bytes(cfg.moe_intermediate_size)
   kv = cfg.num_hidden_layers * batch * cache_len * cfg.num_key_value_heads * cfg.head_dim * 2 * b
   return D * V * b + attn + dense + fixed_moe + expert * int(np.sum(touched_per_layer)) + kv
 
@@ -180,8 +194,12 @@ def main(argv=None):
   ap.add_argument("--loop", type=int, default=10, help="forwards per timed device loop")
   ap.add_argument("--no-spd", action="store_true")
   ap.add_argument("--only-spd", action="store_true", help="skip the prefill and forward rows")
+  ap.add_argument("--no-prefill", action="store_true", help="skip the prefill row")
   ap.add_argument("--json", default=None)
   ap.add_argument("--mesh", default="", help="split the weights over a device mesh, e.g. expert=8 or expert=4,tensor=2")
+  ap.add_argument("--weights", default="bf16", help="comma separated: bf16 and/or int8 (weight-only int8 experts)")
+  ap.add_argument("--group-size", type=int, default=None,
+                  help="int8: one scale per this many rows of K (default: per output channel)")
   ap.add_argument("--profile", type=int, default=0, metavar="N",
                   help="print the N kernels taking the most device time in one forward, per routing and batch")
   args = ap.parse_args(argv)
@@ -192,6 +210,11 @@ def main(argv=None):
                               num_key_value_heads=2, head_dim=32, intermediate_size=256, moe_intermediate_size=64,
                               num_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, mask_token_id=4095,
                               eos_token_id=4094, pad_token_id=4094)
+  weight_kinds = args.weights.split(",")
+  if not weight_kinds or set(weight_kinds) - {"bf16", "int8"}:
+    ap.error(f"--weights: comma separated bf16 / int8, got {args.weights!r}")
+  if args.mesh and "int8" in weight_kinds:
+    ap.error("--weights int8 runs on one device (no --mesh)")
   mesh = None
   if args.mesh:
     try:
@@ -209,6 +232,12 @@ def main(argv=None):
   n_params = params_lib.count_params(cfg)
   print(f"params: {n_params / 1e9:.3f} B ({2 * n_params / 1e9:.1f} GB bf16)", flush=True)
   results = dict(device=dev.device_kind, jax=jax.__version__, copy_bw=bw, copy_bws=bws, rows=[])
+  variants = {"bf16": params}
+  if "int8" in weight_kinds:
+    variants["int8"] = jax.jit(lambda p: quant.quantize_params(p, group_size=args.group_size))(params)
+    results["group_size"] = args.group_size
+    if "bf16" not in weight_kinds:
+      del variants["bf16"], params
   if mesh is not None:
     one_device = params
     params = jax.device_put(params, sharding.tree_shardings(mesh, params))
@@ -226,31 +255,36 @@ def main(argv=None):
     if args.profile:
       for routing in args.routing.split(","):
         for batch in map(int, args.batches.split(",")):
-          profile_forward(with_routing(dataclasses.replace(cfg, moe_backend=args.backends.split(",")[0]), routing),
-                          params, batch, S, K, routing, args.profile)
+          for weights in weight_kinds:
+            print(f"\n{weights} weights:", end="")
+            profile_forward(with_routing(dataclasses.replace(cfg, moe_backend=args.backends.split(",")[0]), routing),
+                            variants[weights], batch, S, K, routing, args.profile)
     rows = results["rows"]
-    for backend in args.backends.split(","):
+    for backend, weights in itertools.product(args.backends.split(","), weight_kinds):
       c = dataclasses.replace(cfg, moe_backend=backend)
       measured = {}  # (routing, batch, queries) -> (times, touched): the SPD comparison reuses forward rows
+      params = variants[weights]
 
-      def forwards(routing, batch, Lq, c=c, measured=measured):
+      def forwards(routing, batch, Lq, c=c, measured=measured, params=params):
         if (routing, batch, Lq) not in measured:
           measured[routing, batch, Lq] = bench_forwards(with_routing(c, routing), params, batch, S, Lq, S - Lq, loop=args.loop,
                                                         rounds=args.rounds)
         return measured[routing, batch, Lq]
 
-      if not args.only_spd:
+      if not (args.only_spd or args.no_prefill):
         pre = bench_prefill(c, params, S, args.rounds)
-        rows.append(dict(what="prefill 512", backend=backend, routing="raw", batch=1, **stats(pre)))
+        rows.append(dict(what="prefill 512", backend=backend, weights=weights, routing="raw", batch=1, **stats(pre)))
       for routing in ([] if args.only_spd else args.routing.split(",")):
         for batch in map(int, args.batches.split(",")):
           times, touched = forwards(routing, batch, K)
-          nbytes = forward_bytes(c, touched, batch, S)
+          nbytes = forward_bytes(c, touched, batch, S, weights, args.group_size)
           limit = nbytes / bw
           st = stats(times)
-          rows.append(dict(what="forward 32/512", backend=backend, routing=routing, batch=batch, **st,
+          rows.append(dict(what="forward 32/512", backend=backend, weights=weights, routing=routing, batch=batch, **st,
                            experts_per_layer=float(np.mean(touched)), bytes=nbytes, limit=limit, ratio=st["median"] / limit,
                            implied_tok_s=5.47 * batch / st["median"]))
+          print(f"forward {backend} {weights} {routing} batch {batch}: {1e3 * st['median']:.3f} ms, "
+                f"{rows[-1]['ratio']:.2f}x limit", flush=True)  # as it comes (a cut-off run keeps it)
       if not args.no_spd:
         # Uniform routing here, so the loop and the bare forwards it is compared with touch as many experts.
         prompt_len, gen = K, S - K  # a one-block prompt and 15 decoded blocks: the prefill is negligible
@@ -262,11 +296,16 @@ def main(argv=None):
         blocks = layout.num_blocks
         bare = (blocks * statistics.median(t64) + (n_fwd - blocks) * statistics.median(t32)) / n_fwd
         st = stats(times)
-        rows.append(dict(what="spd loop", backend=backend, routing="uniform", batch=1, **st, forwards=n_fwd,
+        rows.append(dict(what="spd loop", backend=backend, weights=weights, routing="uniform", batch=1, **st, forwards=n_fwd,
                          forwards_per_s=1 / st["median"], bare_forward=bare, overhead=st["median"] / bare - 1))
+  by_kind = {(r["what"], r["backend"], r["routing"], r["batch"]): r for r in rows if r["weights"] == "bf16"}
+  for r in rows:  # int8 rows: speed-up over the bf16 row of the same kind, when both ran
+    bf16 = by_kind.get((r["what"], r["backend"], r["routing"], r["batch"]))
+    if r["weights"] != "bf16" and bf16 is not None:
+      r["vs_bf16"] = bf16["median"] / r["median"]
 
   print()
-  print(f"{'what':16s} {'backend':8s} {'routing':8s} {'B':>2s} {'median ms':>10s} {'min':>8s} {'max':>8s} "
+  print(f"{'what':16s} {'backend':8s} {'weights':7s} {'routing':8s} {'B':>2s} {'median ms':>10s} {'min':>8s} {'max':>8s} "
         f"{'exp/layer':>9s} {'GB read':>8s} {'limit ms':>9s} {'ratio':>6s}  extra")
   for r in rows:
     extra = ""
@@ -274,7 +313,9 @@ def main(argv=None):
       extra = f"{r['implied_tok_s']:.0f} tok/s at TPF 5.47"
     if "overhead" in r:
       extra = f"{r['forwards']} fwd, {r['forwards_per_s']:.1f} fwd/s, bare {1e3 * r['bare_forward']:.2f} ms, overhead {100 * r['overhead']:+.1f}%"
-    print(f"{r['what']:16s} {r['backend']:8s} {r['routing']:8s} {r['batch']:2d} {1e3 * r['median']:10.3f} "
+    if "vs_bf16" in r:
+      extra = ", ".join(filter(None, [extra, f"{r['vs_bf16']:.2f}x bf16"]))
+    print(f"{r['what']:16s} {r['backend']:8s} {r['weights']:7s} {r['routing']:8s} {r['batch']:2d} {1e3 * r['median']:10.3f} "
           f"{1e3 * r['min']:8.3f} {1e3 * r['max']:8.3f} "
           f"{r.get('experts_per_layer', float('nan')):9.1f} {r.get('bytes', float('nan')) / 1e9:8.3f} "
           f"{1e3 * r.get('limit', float('nan')):9.3f} {r.get('ratio', float('nan')):6.2f}  {extra}")

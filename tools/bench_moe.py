@@ -3,6 +3,7 @@
   python tools/bench_moe.py                 # LLaDA-2.0-mini shapes, T in {32, 256}, on the GPU
   python tools/bench_moe.py --tiny          # tiny shapes, runs anywhere (smoke test; pallas interprets on CPU)
   python tools/bench_moe.py --sweep         # time each Pallas kernel alone over a grid of launch settings
+  python tools/bench_moe.py --int8          # routed and shared experts weight-only int8 (``quant``)
 
 Two scopes per token count:
   routed   the routed experts alone (``experts_*``) on uniform-random top-X ids;
@@ -35,7 +36,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from dmax_jax.model import presets  # pylint: disable=wrong-import-position
-from dmax_jax.model import moe  # pylint: disable=wrong-import-position
+from dmax_jax.model import moe, quant  # pylint: disable=wrong-import-position
 from dmax_jax.apps.benchmarking import copy_bandwidth, time_fn  # pylint: disable=wrong-import-position
 from dmax_jax.model.kernels import moe_pallas  # pylint: disable=wrong-import-position
 
@@ -87,10 +88,10 @@ def sweep_kernels(x, idx, weights, touched, bw, timing, block_rows=16, top=5):
   kernels = {
       "gate_up": (lambda t: jax.jit(lambda x: moe_pallas.grouped_swiglu(
           x, layout["src"], layout["expert"], layout["used"], w_gate, w_up, block_rows=block_rows, tiles=t)), x,
-                  touched * 2 * D * F * w_gate.dtype.itemsize, F, D),
+                  touched * (w_gate.nbytes + w_up.nbytes) // E, F, D),
       "down": (lambda t: jax.jit(lambda h: moe_pallas.grouped_down(
           h, layout["expert"], layout["used"], w_down, block_rows=block_rows, tiles=t)), h,
-               touched * F * D * w_down.dtype.itemsize, D, F),
+               touched * w_down.nbytes // E, D, F),
   }
   real = np.asarray(layout["src"]) < x.shape[0]  # rows past the used blocks are never written
   best = {}
@@ -138,6 +139,8 @@ def main(argv=None):
   ap.add_argument("--rounds", type=int, default=None, help="timed rounds; the median is reported (default 15; tiny: 3)")
   ap.add_argument("--copy-mib", type=int, default=None, help="size of the bandwidth probe (default 4096; tiny: 16)")
   ap.add_argument("--sweep", action="store_true", help="also time the Pallas settings in SWEEP (routed only)")
+  ap.add_argument("--int8", action="store_true", help="routed and shared experts weight-only int8 (quant.quantize)")
+  ap.add_argument("--group-size", type=int, default=None, help="--int8: rows of K per scale (default: per channel)")
   args = ap.parse_args(argv)
   tiny = args.tiny
   tokens = args.tokens or ([8, 32] if tiny else [32, 256])
@@ -154,8 +157,11 @@ def main(argv=None):
   print(f"timing: median of {timing['rounds']} rounds x {timing['iters']} calls, {timing['warmup']} warmup calls")
 
   p = layer_params(jax.random.key(0), cfg, dtype)
-  per_expert = sum(p[n][0].size * p[n].dtype.itemsize for n in ("w_gate", "w_up", "w_down"))
-  dense_bytes = sum(p[n].size * p[n].dtype.itemsize for n in ("router", "shared_gate", "shared_up", "shared_down"))
+  if args.int8:
+    p = {k: quant.quantize(v, args.group_size) if k in quant.QUANTIZED else v for k, v in p.items()}
+    print(f"experts: int8, {'per output channel' if args.group_size is None else f'groups of {args.group_size}'}")
+  per_expert = sum(p[n].nbytes for n in ("w_gate", "w_up", "w_down")) // E
+  dense_bytes = sum(p[n].nbytes for n in ("router", "shared_gate", "shared_up", "shared_down"))
 
   header = f"{'T':>5} {'scope':<8} {'backend':<28} {'touched':>7} {'ms':>9} {'ideal ms':>9} {'x ideal':>8} {'err':>9}"
   print(header)

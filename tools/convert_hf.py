@@ -1,6 +1,6 @@
 """Hugging Face LLaDA2-MoE checkpoint -> dmax_jax params checkpoint (Orbax), streaming.
 
-  python tools/convert_hf.py --hf HF_DIR --out CKPT_DIR [--dtype bfloat16|float32]
+  python tools/convert_hf.py --hf HF_DIR --out CKPT_DIR [--dtype bfloat16|float32] [--quantize int8 [--group-size N]]
 """
 
 import argparse
@@ -19,8 +19,13 @@ def main(argv=None) -> int:
   parser.add_argument("--hf", required=True, help="Hugging Face checkpoint directory (config.json + safetensors)")
   parser.add_argument("--out", required=True, help="new output directory (must not hold files)")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="stored parameter dtype")
+  parser.add_argument("--quantize", default=None, choices=["int8"],
+                      help="store the routed and shared experts as int8 with float32 scales (weight-only)")
+  parser.add_argument("--group-size", type=int, default=None,
+                      help="with --quantize: one scale per this many rows of the contraction (default: per output channel)")
   args = parser.parse_args(argv)
-  return run_writer(lambda: convert_hf(args.hf, args.out, dtype=args.dtype, progress=bar), args.out)
+  return run_writer(lambda: convert_hf(args.hf, args.out, dtype=args.dtype, progress=bar, quantize=args.quantize,
+                                       group_size=args.group_size), args.out)
 
 
 if __name__ == "__main__":

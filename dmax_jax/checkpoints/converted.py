@@ -18,6 +18,12 @@ sharding, so that a damaged chunk is one clean error naming its leaf.
 
 Everything is written under ``CKPT.partial`` and renamed at the end, so a
 failure leaves no half-written checkpoint behind.
+
+An int8 checkpoint (``convert_hf(..., quantize="int8")``, or ``save_checkpoint``
+of params holding ``quant.Int8Weight``s) stores each quantized weight as two
+leaves, ``moe.w_gate.values`` (int8) and ``moe.w_gate.scale`` (float32), and
+names them in config.json's ``dmax_quantization`` entry; ``load_checkpoint``
+returns them as ``Int8Weight``s again.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmax_jax.model import quant
 from dmax_jax.model.config import ConfigError, ModelConfig, load_hf_config
 from dmax_jax.checkpoints.hf import (
     CheckpointError, SafetensorsReader, from_hf_layout, iter_checked, load_hf_checkpoint, save_hf_checkpoint,
@@ -50,13 +57,48 @@ MAX_CHUNK_BYTES = 64 * 2**20  # split chunks of big top-level leaves (embed, lm_
 _PENDING_WRITES = 4  # tensors in flight while converting (overlaps reading with compressing)
 
 
-def _leaf_paths(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """Every leaf's key path -> its full shape."""
-  flat, _ = jax.tree.flatten_with_path(param_shapes(cfg), is_leaf=is_shape)
+def _leaf_paths(cfg: ModelConfig, quantization: Optional[dict] = None) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Every stored leaf's key path -> its full shape (a quantized weight: its ``values`` and ``scale`` leaves)."""
+  flat, _ = jax.tree.flatten_with_path(_stored_shapes(cfg, quantization), is_leaf=is_shape)
   return {tuple(k.key for k in path): shape for path, shape in flat}
 
 
-def chunk_shapes(cfg: ModelConfig, dtype) -> dict[tuple[str, ...], tuple[int, ...]]:
+def _stored_shapes(cfg: ModelConfig, quantization: Optional[dict] = None) -> dict:
+  """``param_shapes`` with each quantized weight's shape replaced by ``{"values": shape, "scale": shape}``."""
+  shapes = param_shapes(cfg)
+  for name in (quantization or {}).get("leaves", ()):
+    *parents, last = name.split(".")
+    node = shapes
+    for k in parents:
+      node = node[k]
+    node[last] = {"values": node[last], "scale": quant.scale_shape(node[last], quantization["group_size"])}
+  return shapes
+
+
+def _leaf_dtypes(cfg: ModelConfig, dtype, quantization: Optional[dict] = None) -> dict[tuple[str, ...], np.dtype]:
+  """Every stored leaf's dtype: int8 values, float32 scales, ``dtype`` for the rest."""
+  special = {"values": np.dtype(np.int8), "scale": np.dtype(np.float32)} if quantization else {}
+  return {leaf: special.get(leaf[-1], np.dtype(dtype)) for leaf in _leaf_paths(cfg, quantization)}
+
+
+def read_quantization(path: str) -> Optional[dict]:
+  """The ``dmax_quantization`` entry of a checkpoint's config.json (None: not quantized), checked."""
+  config = os.path.join(path, CONFIG_FILE) if os.path.isdir(path) else path
+  try:
+    with open(config) as f:
+      spec = json.load(f).get(quant.CONFIG_KEY)
+  except (OSError, ValueError, AttributeError):
+    return None  # reported by the config loader
+  if spec is None:
+    return None
+  if (not isinstance(spec, dict) or spec.get("method") not in quant.METHODS or not isinstance(spec.get("leaves"), list)
+      or not (spec.get("group_size") is None or isinstance(spec.get("group_size"), int))):
+    raise CheckpointError(f"{config}: {quant.CONFIG_KEY} must be {{\"method\": one of {quant.METHODS}, "
+                          f"\"group_size\": null or an int, \"leaves\": [...]}}, got {spec!r}")
+  return spec
+
+
+def chunk_shapes(cfg: ModelConfig, dtype, quantization: Optional[dict] = None) -> dict[tuple[str, ...], tuple[int, ...]]:
   """The zarr chunk of every leaf: one Hugging Face tensor (separate-expert layout).
 
   Stacked leaves get ``(1, [1,] *rest)`` (one layer, one expert); top-level
@@ -67,7 +109,9 @@ def chunk_shapes(cfg: ModelConfig, dtype) -> dict[tuple[str, ...], tuple[int, ..
     depth[e.leaf] = max(depth[e.leaf], len(e.index))
   itemsize = np.dtype(dtype).itemsize
   out = {}
-  for leaf, shape in _leaf_paths(cfg).items():
+  for leaf, shape in _leaf_paths(cfg, quantization).items():
+    if leaf[-1] in ("values", "scale") and leaf[:-1] in depth:
+      depth[leaf] = depth[leaf[:-1]]  # a quantized weight's leaves: chunked as the weight
     chunk = (1,) * depth[leaf] + shape[depth[leaf]:]
     if depth[leaf] == 0 and len(shape) > 1:
       row_bytes = math.prod(shape[1:]) * itemsize
@@ -93,25 +137,26 @@ class ParamsWriter:
   them and writes Orbax's ``_METADATA``, after which ``ocp`` can restore it.
   """
 
-  def __init__(self, params_dir: str, cfg: ModelConfig, dtype):
+  def __init__(self, params_dir: str, cfg: ModelConfig, dtype, quantization: Optional[dict] = None):
     import tensorstore as ts  # pylint: disable=import-outside-toplevel
 
     self.dir = params_dir
     self.dtype = np.dtype(dtype)
+    self.dtypes = _leaf_dtypes(cfg, self.dtype, quantization)
     self._pending = collections.deque()
     os.makedirs(params_dir, exist_ok=True)
-    chunks = chunk_shapes(cfg, self.dtype)
+    chunks = chunk_shapes(cfg, self.dtype, quantization)
     self.arrays = {}
-    for leaf, shape in _leaf_paths(cfg).items():
+    for leaf, shape in _leaf_paths(cfg, quantization).items():
       spec = _leaf_spec(params_dir, leaf)
       spec["metadata"] = {
-          "shape": list(shape), "chunks": list(chunks[leaf]), "dtype": _zarr_dtype(self.dtype),
+          "shape": list(shape), "chunks": list(chunks[leaf]), "dtype": _zarr_dtype(self.dtypes[leaf]),
           "compressor": {"id": "zstd", "level": 1},
       }
       self.arrays[leaf] = ts.open(spec, create=True).result()
 
   def write(self, leaf: tuple[str, ...], index: tuple[int, ...], value) -> None:
-    value = np.asarray(value, self.dtype)
+    value = np.asarray(value, self.dtypes[leaf])
     target = self.arrays[leaf][index] if index else self.arrays[leaf]
     if tuple(target.shape) != value.shape:
       raise CheckpointError(f"{self.dir}: {'.'.join(leaf)}{list(index)} needs shape {tuple(target.shape)}, got {value.shape}")
@@ -217,27 +262,61 @@ def _load_config(path: str, **numerics) -> ModelConfig:
     raise CheckpointError(str(e)) from None
 
 
-def convert_hf(hf_dir: str, out_dir: str, dtype=jnp.float32, progress: Optional[ReporterFactory] = None) -> ModelConfig:
+def _write_tensor(writer, leaf, index, value, quantized: bool, group_size: Optional[int]) -> None:
+  """One converted tensor into its leaf; an int8 leaf's values and scales into their two leaves."""
+  if quantized:
+    q = quant.quantize(np.asarray(value, np.float32), group_size)
+    writer.write(leaf + ("values",), index, q.values)
+    writer.write(leaf + ("scale",), index, q.scale)
+  else:
+    writer.write(leaf, index, value)
+
+
+def convert_hf(hf_dir: str, out_dir: str, dtype=jnp.float32, progress: Optional[ReporterFactory] = None,
+               quantize: Optional[str] = None, group_size: Optional[int] = None) -> ModelConfig:
   """Hugging Face checkpoint directory -> params checkpoint, one tensor at a time.
 
   Every tensor's name and shape is checked (``iter_checked``) and written
   into its slice of the stacked leaf; peak memory is a few tensors (the
   largest being the embedding), independent of the number of layers.
   ``progress``: a reporter factory (``dmax_jax.progress``), None for none.
+  ``quantize="int8"`` stores the routed and shared experts (``quant.QUANTIZED``)
+  as int8 with per-output-channel scales (``group_size``: per group of that
+  many rows along the contraction), each tensor quantized as it is read.
   """
   staging = _Staging(out_dir)
   reader = SafetensorsReader(hf_dir)  # checks the directory, the index, every shard's size and dtypes
   cfg = _load_config(hf_dir)
+  spec = _quantization_spec(cfg, quantize, group_size)
+  quantized = {tuple(name.split(".")) for name in (spec or {}).get("leaves", ())}
   with staging as tmp:
-    with ParamsWriter(os.path.join(tmp, PARAMS_DIR), cfg, jnp.dtype(dtype)) as writer:
+    with ParamsWriter(os.path.join(tmp, PARAMS_DIR), cfg, jnp.dtype(dtype), spec) as writer:
       with reporter(progress, total=len(reader.names()), desc="convert", unit="tensor") as bar:
         for e, tensor in iter_checked(reader, cfg):
-          writer.write(e.leaf, e.index, from_hf_layout(e, tensor))
+          _write_tensor(writer, e.leaf, e.index, from_hf_layout(e, tensor), e.leaf in quantized, group_size)
           bar.update(1)
       writer.finish()
-    _write_config(hf_config_dict(cfg, hf_dir), tmp)
+    _write_config(dict(hf_config_dict(cfg, hf_dir), **({quant.CONFIG_KEY: spec} if spec else {})), tmp)
     _copy_side_files(hf_dir, tmp)
   return cfg
+
+
+def _quantization_spec(cfg: ModelConfig, method: Optional[str], group_size: Optional[int]) -> Optional[dict]:
+  """The config.json entry for quantizing ``cfg``'s experts with ``method`` (None: no quantization)."""
+  if method is None:
+    if group_size is not None:
+      raise CheckpointError("a quantization group size needs a quantization method (int8)")
+    return None
+  if method not in quant.METHODS:
+    raise CheckpointError(f"quantization must be one of {quant.METHODS}, got {method!r}")
+  moe = param_shapes(cfg).get("moe", {})
+  leaves = [k for k in quant.QUANTIZED if k in moe]
+  for k in leaves:
+    try:
+      quant.scale_shape(moe[k][1:], group_size)
+    except ValueError as e:
+      raise CheckpointError(f"moe.{k}: {e}") from None
+  return {"method": method, "group_size": group_size, "leaves": [f"moe.{k}" for k in leaves]}
 
 
 def save_checkpoint(params, cfg: ModelConfig, path: str, tokenizer_dir: Optional[str] = None, dtype=None) -> None:
@@ -249,14 +328,18 @@ def save_checkpoint(params, cfg: ModelConfig, path: str, tokenizer_dir: Optional
   """
   if jax.process_count() > 1:
     raise CheckpointError(f"{path}: save_checkpoint writes from one process; use train_checkpoint on multi-host runs")
-  want = _leaf_paths(cfg)
+  try:
+    spec = quant.spec_of(params)  # int8 weights are stored as they are (values and scales), whatever ``dtype``
+  except ValueError as e:
+    raise CheckpointError(f"{path}: {e}") from None
+  want = _leaf_paths(cfg, spec)
   flat, _ = jax.tree.flatten_with_path(params)
   leaves = {tuple(k.key for k in p): x for p, x in flat}
   if set(leaves) != set(want):
     raise CheckpointError(f"{path}: params do not match the config (leaves {sorted(set(leaves) ^ set(want))})")
   dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(jax.tree.leaves(params)[0].dtype)
   with _Staging(path) as tmp:
-    with ParamsWriter(os.path.join(tmp, PARAMS_DIR), cfg, dtype) as writer:
+    with ParamsWriter(os.path.join(tmp, PARAMS_DIR), cfg, dtype, spec) as writer:
       for leaf, x in leaves.items():
         if tuple(x.shape) != want[leaf]:
           raise CheckpointError(f"{path}: params leaf {'.'.join(leaf)} has shape {tuple(x.shape)}, expected {want[leaf]}")
@@ -266,7 +349,7 @@ def save_checkpoint(params, cfg: ModelConfig, path: str, tokenizer_dir: Optional
         else:
           writer.write(leaf, (), np.asarray(x))
       writer.finish()
-    _write_config(hf_config_dict(cfg), tmp)
+    _write_config(dict(hf_config_dict(cfg), **({quant.CONFIG_KEY: spec} if spec else {})), tmp)
     _copy_side_files(tokenizer_dir, tmp)
 
 
@@ -307,15 +390,23 @@ def is_converted(path: str) -> bool:
   return os.path.isdir(os.path.join(path, PARAMS_DIR))
 
 
-def load_any(path: str, dtype=None, sharding=None, **numerics) -> tuple[ModelConfig, Any]:
+def load_any(path: str, dtype=None, sharding=None, quantize: Optional[str] = None, group_size: Optional[int] = None,
+             **numerics) -> tuple[ModelConfig, Any]:
   """(config, params) from a converted checkpoint or a Hugging Face safetensors directory.
 
   A converted checkpoint restores straight onto ``sharding``; a Hugging Face
-  one is read tensor by tensor on the host, then placed on it.
+  one is read tensor by tensor on the host, then placed on it. An int8
+  checkpoint loads as int8; ``quantize="int8"`` quantizes the experts of any
+  other at load (``quant.quantize_params``).
   """
   if is_converted(path):
-    return load_checkpoint(path, dtype=dtype, sharding=sharding, **numerics)
-  return load_hf_checkpoint(path, dtype=dtype or jnp.float32, sharding=sharding, **numerics)
+    cfg, params = load_checkpoint(path, dtype=dtype, sharding=sharding, **numerics)
+  else:
+    cfg, params = load_hf_checkpoint(path, dtype=dtype or jnp.float32, sharding=sharding, **numerics)
+  if quantize is not None:
+    _quantization_spec(cfg, quantize, group_size)  # checks the method and group size
+    params = jax.jit(lambda p: quant.quantize_params(p, quantize, group_size))(params)
+  return cfg, params
 
 
 def load_checkpoint(path: str, dtype=None, sharding=None, **numerics) -> tuple[ModelConfig, Any]:
@@ -331,29 +422,45 @@ def load_checkpoint(path: str, dtype=None, sharding=None, **numerics) -> tuple[M
 
   _check_dir(path)
   cfg = _load_config(os.path.join(path, CONFIG_FILE), **numerics)
+  spec = read_quantization(path)
   params_dir = epath.Path(os.path.abspath(path)) / PARAMS_DIR
   # Opened one by one first: Orbax opens them concurrently and, when one fails, leaves the others pending to
   # print errors until the process exits. Each leaf is read with tensorstore below for the same reason.
-  stores = _open_leaves(str(params_dir), cfg)
+  stores = _open_leaves(str(params_dir), cfg, spec)
   try:  # the handler reads the tree metadata a params checkpoint has (the Checkpointer would want a step file too)
     stored, _ = jax.tree.flatten_with_path(ocp.PyTreeCheckpointHandler().metadata(params_dir).tree)
   except Exception as e:  # pylint: disable=broad-exception-caught  # Orbax/tensorstore raise plain Exceptions
     raise CheckpointError(f"{params_dir}: cannot read the parameter metadata ({_store_problem(e)})") from None
   got = {tuple(k.key for k in p): tuple(m.shape) for p, m in stored}
-  want = _leaf_paths(cfg)
+  want = _leaf_paths(cfg, spec)
   for leaf in sorted(set(want) | set(got)):
     if want.get(leaf) != got.get(leaf):
       raise CheckpointError(f"{params_dir}: leaf {'.'.join(leaf)} is stored with shape {got.get(leaf)}, "
                             f"which does not match {CONFIG_FILE} ({want.get(leaf)})")
-  shapes = param_shapes(cfg)
+  shapes = _stored_shapes(cfg, spec)
+  if spec and sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
+    raise CheckpointError(f"{path}: an int8 checkpoint loads onto one sharding for every leaf, not a tree of them")
   shardings = _broadcast_sharding(sharding, shapes)
   np_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
 
   def read(path, shape, leaf_sharding):
     leaf = tuple(k.key for k in path)
-    return _read_leaf(stores[leaf], os.path.join(str(params_dir), ".".join(leaf)), shape, leaf_sharding, np_dtype)
+    cast = None if spec and leaf[-1] in ("values", "scale") else np_dtype  # int8 weights load as stored
+    return _read_leaf(stores[leaf], os.path.join(str(params_dir), ".".join(leaf)), shape, leaf_sharding, cast)
 
-  return cfg, jax.tree.map_with_path(read, shapes, shardings, is_leaf=is_shape)
+  params = jax.tree.map_with_path(read, shapes, shardings, is_leaf=is_shape)
+  return cfg, _as_int8_weights(params, spec)
+
+
+def _as_int8_weights(params, spec: Optional[dict]):
+  """The ``{"values", "scale"}`` dicts of a restored int8 checkpoint as ``quant.Int8Weight``s."""
+  for name in (spec or {}).get("leaves", ()):
+    *parents, last = name.split(".")
+    node = params
+    for k in parents:
+      node = node[k]
+    node[last] = quant.Int8Weight(node[last]["values"], node[last]["scale"])
+  return params
 
 
 def _read_leaf(store, where: str, shape, sharding, dtype):
@@ -372,12 +479,12 @@ def _read_leaf(store, where: str, shape, sharding, dtype):
   return jax.make_array_from_callback(tuple(shape), sharding, read)
 
 
-def _open_leaves(params_dir: str, cfg: ModelConfig) -> dict:
+def _open_leaves(params_dir: str, cfg: ModelConfig, quantization: Optional[dict] = None) -> dict:
   """Every leaf's zarr array (tensorstore), checked against the config's shape."""
   import tensorstore as ts  # pylint: disable=import-outside-toplevel
 
   stores = {}
-  for leaf, shape in _leaf_paths(cfg).items():
+  for leaf, shape in _leaf_paths(cfg, quantization).items():
     try:
       stores[leaf] = ts.open(_leaf_spec(params_dir, leaf), open=True).result()
     except ValueError as e:
@@ -413,6 +520,8 @@ def export_hf(checkpoint: str, out_dir: str, shard_bytes: int = 5 * 10**9, dtype
   """
   _check_dir(checkpoint)
   cfg = _load_config(os.path.join(checkpoint, CONFIG_FILE))
+  if read_quantization(checkpoint):
+    raise CheckpointError(f"{checkpoint}: an int8 checkpoint; export the unquantized checkpoint it was made from")
   if os.path.exists(out_dir):
     raise CheckpointError(f"{out_dir}: already exists; choose a new output directory")
   params_dir = os.path.join(os.path.abspath(checkpoint), PARAMS_DIR)

@@ -20,9 +20,13 @@ which prepares its own weight layout (``prepare_experts``):
   Plain and obviously right; the reference the other backends are tested
   against.
 - ``pallas``: the grouped layout with a Pallas-Triton kernel that skips empty
-  experts (see ``dmax_jax/kernels``), forward only, for decoding on the GPU.
+  experts (see ``dmax_jax/model/kernels``), forward only, for decoding on the GPU.
   Inside a layer scan it reads every layer's experts in place from one
   flattened (or, expert-parallel, stacked) array instead of a per-layer slice.
+
+Expert weights (routed and shared) may be weight-only int8 (``quant.Int8Weight``):
+the ``pallas`` kernels read the int8 values and scales themselves (the shared
+expert then runs through them too); ``grouped`` and ``dense`` dequantize first.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from dmax_jax.model import quant
 from dmax_jax.model.config import ModelConfig, accum_dtype
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
@@ -116,10 +121,10 @@ def experts_dense(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD):
   T = x_TD.shape[0]
   E = w_gate_EDF.shape[0]
   combine_TE = jnp.zeros((T, E), w_TX.dtype).at[jnp.arange(T)[:, None], idx_TX].add(w_TX)
-  gate_TEF = jnp.einsum("td,edf->tef", x_TD, w_gate_EDF.astype(dtype))
-  up_TEF = jnp.einsum("td,edf->tef", x_TD, w_up_EDF.astype(dtype))
+  gate_TEF = jnp.einsum("td,edf->tef", x_TD, quant.dequantize(w_gate_EDF, dtype))  # int8 experts: dequantized
+  up_TEF = jnp.einsum("td,edf->tef", x_TD, quant.dequantize(w_up_EDF, dtype))
   h_TEF = _swiglu(gate_TEF, up_TEF)
-  y_TED = jnp.einsum("tef,efd->ted", h_TEF, w_down_EFD.astype(dtype))
+  y_TED = jnp.einsum("tef,efd->ted", h_TEF, quant.dequantize(w_down_EFD, dtype))
   y_TD = jnp.einsum("ted,te->td", y_TED.astype(combine_TE.dtype), combine_TE)
   return y_TD.astype(dtype)
 
@@ -214,9 +219,9 @@ def _grouped_rows(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD):
   E = w_gate_EDF.shape[0]
   order, token, group_sizes = sort_by_expert(idx_TX, E)
   xs_MD = x_TD[token]
-  gate_MF = ragged_dot(xs_MD, w_gate_EDF.astype(dtype), group_sizes)
-  up_MF = ragged_dot(xs_MD, w_up_EDF.astype(dtype), group_sizes)
-  ys_MD = ragged_dot(_swiglu(gate_MF, up_MF), w_down_EFD.astype(dtype), group_sizes)
+  gate_MF = ragged_dot(xs_MD, quant.dequantize(w_gate_EDF, dtype), group_sizes)  # int8 experts: dequantized
+  up_MF = ragged_dot(xs_MD, quant.dequantize(w_up_EDF, dtype), group_sizes)
+  ys_MD = ragged_dot(_swiglu(gate_MF, up_MF), quant.dequantize(w_down_EFD, dtype), group_sizes)
   valid_TX = (idx_TX >= 0) & (idx_TX < E)
   return combine_sorted(ys_MD, order, jnp.where(valid_TX, w_TX, 0.0), T, valid_TX)
 
@@ -268,7 +273,8 @@ def experts_grouped(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD):
 
   e, t = experts or None, width or None
   rows = P(tokens)
-  weights = (w.astype(dtype) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))  # cast first: gathered over fsdp in dtype
+  # cast (int8: dequantize) first: gathered over fsdp in dtype
+  weights = (quant.dequantize(w, dtype) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
   out = jax.shard_map(body, in_specs=(rows, rows, rows, P(e, None, t), P(e, None, t), P(e, t, None)),
                       out_specs=rows)(x_TD, idx_TX, w_TX, *weights)
   return out.astype(dtype)
@@ -295,7 +301,12 @@ def prepare_experts(stack, cfg: ModelConfig):
   weights = tuple(stack[k] for k in EXPERT_WEIGHTS)
   if expert_parallel_size() > 1:
     return per_layer, ("stacked", weights)
-  return per_layer, ("flat", tuple(w.reshape((-1,) + w.shape[2:]) for w in weights))
+  return per_layer, ("flat", tuple(_flatten_layers(w) for w in weights))
+
+
+def _flatten_layers(w):
+  """``[layers, E, ...]`` -> ``[layers * E, ...]`` (an int8 weight's values and scales alike)."""
+  return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), w)
 
 
 def _routed(p, x_TD, idx_TX, w_TX, cfg: ModelConfig, whole, layer):
@@ -314,12 +325,12 @@ def _routed(p, x_TD, idx_TX, w_TX, cfg: ModelConfig, whole, layer):
   from dmax_jax.model.kernels import moe_pallas  # pylint: disable=import-outside-toplevel
 
   if whole is None:  # one layer's [E, ...] experts
-    whole, layer = ("stacked", tuple(p[k][None] for k in EXPERT_WEIGHTS)), 0
+    whole, layer = ("stacked", tuple(jax.tree.map(lambda a: a[None], p[k]) for k in EXPERT_WEIGHTS)), 0
   kind, weights = whole
   if kind == "stacked" and expert_parallel_size() > 1:
     return moe_pallas.experts_pallas_expert_parallel(x_TD, idx_TX, w_TX, *weights, layer)
   if kind == "stacked":
-    weights = tuple(w.reshape((-1,) + w.shape[2:]) for w in weights)
+    weights = tuple(_flatten_layers(w) for w in weights)
   return moe_pallas.experts_pallas(x_TD, idx_TX, w_TX, *weights, num_experts=cfg.num_experts,
                                    expert_offset=layer * cfg.num_experts)
 
@@ -333,12 +344,17 @@ def moe_mlp(p, x_TD, cfg: ModelConfig, whole=None, layer=0):
   """
   idx_TX, w_TX = route(p["router"], p["expert_bias"], x_TD, cfg)
   y = _routed(p, x_TD, idx_TX, w_TX, cfg, whole, layer)
-  if cfg.num_shared_experts:
+  if cfg.num_shared_experts and cfg.moe_backend == "pallas" and quant.is_quantized(p["shared_gate"]):
+    from dmax_jax.model.kernels import moe_pallas  # pylint: disable=import-outside-toplevel
+
+    # int8 shared expert: the kernels read its int8 weights (XLA would write them out dequantized first)
+    y = y + moe_pallas.shared_expert_pallas(x_TD, p["shared_gate"], p["shared_up"], p["shared_down"])
+  elif cfg.num_shared_experts:
     dtype = x_TD.dtype
     shared = jnp.einsum(
         "tf,fd->td",
-        _swiglu(x_TD @ p["shared_gate"].astype(dtype), x_TD @ p["shared_up"].astype(dtype)),
-        p["shared_down"].astype(dtype),
+        _swiglu(x_TD @ quant.dequantize(p["shared_gate"], dtype), x_TD @ quant.dequantize(p["shared_up"], dtype)),
+        quant.dequantize(p["shared_down"], dtype),
     )
     y = y + shared
   return y, (idx_TX, w_TX)

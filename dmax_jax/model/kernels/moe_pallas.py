@@ -33,6 +33,14 @@ from a small int32 array: the Triton backend has no scalar prefetch, so the weig
 whole arrays and the kernel slices ``w[e, d0:d0+bk, f0:f0+tF]`` itself.
 Tiles are powers of two (Triton's constraint on loaded blocks); Triton's dot
 needs ``block_rows >= 16``. Forward only (no VJP): this is the decoding path.
+
+int8 experts (``quant.Int8Weight``): the kernels load the int8 tiles, convert
+them to x's dtype in registers (exact: |values| <= 127) and multiply the fp32
+partial products by the scales, so no dequantized weight is ever written to
+memory. Per-output-channel scales multiply the accumulator once at the end;
+per-group scales (``group`` rows of K each) multiply each chunk's partial
+product, the chunk being cut to at most one group. ``shared_expert_pallas``
+runs the shared expert through the same kernels (every token to one expert).
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from dmax_jax.model import quant
 from dmax_jax.model.config import accum_dtype
 
 
@@ -151,7 +160,14 @@ def block_layout(idx_TX, num_experts: int, block_rows: int, method: str | None =
   )
 
 
-def _row_block_kernel(expert_ref, used_ref, *refs, bk, num_weights, gather):
+def _unpack_refs(refs, num_weights, gather, group):
+  """(src or None, rows, weights, scales or Nones, out) from the kernel's positional refs."""
+  src_ref, refs = (refs[0], refs[1:]) if gather else (None, refs)
+  rows_ref, w_refs, out_ref = refs[0], refs[1:1 + num_weights], refs[-1]
+  return src_ref, rows_ref, w_refs, refs[1 + num_weights:-1] if group else (None,) * num_weights, out_ref
+
+
+def _row_block_kernel(expert_ref, used_ref, *refs, bk, num_weights, gather, group=None):
   """One row block x one output tile of ``rows @ W[e]`` for each weight ref.
 
   With one weight (w_down) the product is the output; with two (w_gate,
@@ -159,13 +175,10 @@ def _row_block_kernel(expert_ref, used_ref, *refs, bk, num_weights, gather):
   The contraction runs in ``bk`` chunks with fp32 accumulators. With
   ``gather`` the block's rows are read straight from the token rows
   (``x[src[p]]``, padding rows clamped to the last token and discarded
-  later) instead of from a materialised padded copy.
+  later) instead of from a materialised padded copy. With ``group`` the
+  weights are int8 and followed by their scale refs ``[E, K // group, N]``.
   """
-  if gather:
-    src_ref, rows_ref, *refs = refs
-  else:
-    rows_ref, *refs = refs
-  w_refs, out_ref = refs[:num_weights], refs[num_weights]
+  src_ref, rows_ref, w_refs, s_refs, out_ref = _unpack_refs(refs, num_weights, gather, group)
   b = pl.program_id(0)
   j = pl.program_id(1)
   bm, tn = out_ref.shape
@@ -180,21 +193,23 @@ def _row_block_kernel(expert_ref, used_ref, *refs, bk, num_weights, gather):
 
     acc_t = accum_dtype(rows_ref.dtype)  # fp32 (fp64 for fp64 inputs, interpret mode)
 
+    def scaled(part, s_ref, g):  # an int8 weight's fp32 product times the scales of its group g
+      return part if s_ref is None else part * s_ref[e, pl.ds(g, 1), pl.ds(n0, tn)].astype(acc_t)
+
     def body(k, accs):
       k0 = pl.multiple_of(k * bk, bk)
       x = rows_ref[row_idx, pl.ds(k0, bk)] if gather else rows_ref[:, pl.ds(k0, bk)]
-      return tuple(
-          acc + jnp.dot(x, w_ref[e, pl.ds(k0, bk), pl.ds(n0, tn)].astype(x.dtype),
-                        preferred_element_type=acc_t)
-          for acc, w_ref in zip(accs, w_refs))
+      parts = (jnp.dot(x, w_ref[e, pl.ds(k0, bk), pl.ds(n0, tn)].astype(x.dtype), preferred_element_type=acc_t)
+               for w_ref in w_refs)
+      if group and group < K:  # per-group scales: the chunk lies in group k0 // group
+        parts = (scaled(part, s_ref, k0 // group) for part, s_ref in zip(parts, s_refs))
+      return tuple(acc + part for acc, part in zip(accs, parts))
 
     zeros = tuple(jnp.zeros((bm, tn), acc_t) for _ in w_refs)
     accs = jax.lax.fori_loop(0, K // bk, body, zeros)
-    if len(accs) == 2:
-      g, u = accs
-      y = g / (1.0 + jnp.exp(-g)) * u
-    else:
-      (y,) = accs
+    if group == K:  # per-output-channel scales: once, on the accumulators
+      accs = tuple(scaled(acc, s_ref, 0) for acc, s_ref in zip(accs, s_refs))
+    y = accs[0] / (1.0 + jnp.exp(-accs[0])) * accs[1] if len(accs) == 2 else accs[0]  # silu(g) * u, or the product
     out_ref[...] = y.astype(out_ref.dtype)
 
 
@@ -203,12 +218,20 @@ def _row_block_call(name, rows, expert_Q, used, weights, out_cols, *, block_rows
   """Runs ``_row_block_kernel`` on a (row block, output tile) grid; the row-block axis varies fastest.
 
   ``rows`` is the padded ``[P, K]`` row array, or with ``src_P`` the ``[T, K]``
-  token rows that padded row p reads as ``rows[src_P[p]]``.
+  token rows that padded row p reads as ``rows[src_P[p]]``. ``weights`` are
+  arrays, or all ``quant.Int8Weight``s of one group size.
   """
   interpret = _interpret(interpret)
   K = rows.shape[1]
   P = rows.shape[0] if src_P is None else src_P.shape[0]
   tile, tile_k = _tile(out_cols, tiles.n), _tile(K, tiles.k)
+  group = None
+  if all(quant.is_quantized(w) for w in weights):
+    (group,) = {w.group for w in weights}
+    tile_k = min(tile_k, _tile(group, tiles.k))  # a contraction chunk within one group of scales
+    weights = tuple(w.values for w in weights) + tuple(w.scale for w in weights)
+  elif any(quant.is_quantized(w) for w in weights):
+    raise ValueError("the weights of one kernel are all int8 or none")
   whole = pl.BlockSpec()  # whole array: the kernel slices it
   params = None
   if not interpret:
@@ -219,7 +242,8 @@ def _row_block_call(name, rows, expert_Q, used, weights, out_cols, *, block_rows
     row_specs, row_args = [pl.BlockSpec((block_rows, K), lambda b, j: (b, 0))], (rows,)
   else:
     row_specs, row_args = [whole, whole], (src_P, rows)
-  kernel = functools.partial(_row_block_kernel, bk=tile_k, num_weights=len(weights), gather=src_P is not None)
+  kernel = functools.partial(_row_block_kernel, bk=tile_k, num_weights=len(weights) // (2 if group else 1),
+                             gather=src_P is not None, group=group)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((P, out_cols), rows.dtype),
@@ -254,6 +278,28 @@ def grouped_down(h_PF, expert_Q, used, w_down_EFD, *, block_rows, tiles=None, in
 # shapes); with them each kernel runs at ~1.07x of its touched-weight bytes in the decoding forward.
 GATE_UP_TILES = Tiles(n=128, k=128, num_warps=4, num_stages=3)
 DOWN_TILES = Tiles(n=128, k=128, num_warps=4, num_stages=3)
+# The shared expert is one weight for all T tokens, a few row blocks: narrower output tiles give its
+# kernels more programs to spread the weight reads over (a guess, not yet tuned by measurement).
+SHARED_GATE_UP_TILES = Tiles(n=32, k=128, num_warps=4, num_stages=3)
+SHARED_DOWN_TILES = Tiles(n=64, k=128, num_warps=4, num_stages=3)
+
+
+def shared_expert_pallas(x_TD, w_gate_DC, w_up_DC, w_down_CD, *, block_rows=16, interpret=None,
+                         gate_up_tiles: Tiles | None = None, down_tiles: Tiles | None = None):
+  """The shared expert ``swiglu(x @ Wg, x @ Wu) @ Wd`` [T, D] through the routed experts' kernels.
+
+  Every token is routed to one expert holding these weights (int8 ``quant.Int8Weight``s
+  or arrays); the output is in x's dtype.
+  """
+  interpret = _interpret(interpret)
+  T = x_TD.shape[0]
+  one = tuple(jax.tree.map(lambda a: a[None], w) for w in (w_gate_DC, w_up_DC, w_down_CD))
+  Q = -(-T // block_rows)  # the tokens in order, the last block padded (padding rows read token T-1)
+  src_P = jnp.minimum(jnp.arange(Q * block_rows, dtype=jnp.int32), T)
+  expert_Q, used = jnp.zeros((Q,), jnp.int32), jnp.full((1,), Q, jnp.int32)
+  kw = dict(block_rows=block_rows, interpret=interpret)
+  h_PF = grouped_swiglu(x_TD, src_P, expert_Q, used, one[0], one[1], tiles=gate_up_tiles or SHARED_GATE_UP_TILES, **kw)
+  return grouped_down(h_PF, expert_Q, used, one[2], tiles=down_tiles or SHARED_DOWN_TILES, **kw)[:T]
 
 
 def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, block_rows=16, interpret=None,
@@ -317,7 +363,7 @@ def experts_pallas_expert_parallel(x_TD, idx_TX, w_TX, w_gate_LEDF, w_up_LEDF, w
   def body(x, idx, w, wg, wu, wd, layer):
     first = jax.lax.axis_index(axis) * local
     mine = (idx >= first) & (idx < first + local)
-    flat = [a.reshape((-1,) + a.shape[2:]) for a in (wg, wu, wd)]  # local [layers * local, ...]: a bitcast
+    flat = [jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), w) for w in (wg, wu, wd)]  # a bitcast
     y = experts_pallas(x, jnp.where(mine, idx - first, 0), w, *flat,
                        num_experts=local, expert_offset=layer * local, valid_TX=mine, **kw)
     return jax.lax.psum(y.astype(accum_dtype(dtype)), axis)
