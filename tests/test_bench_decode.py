@@ -47,6 +47,7 @@ def _int8_rows(rows):
   return {(r["what"], r["weights"]): r for r in rows}
 
 
+@pytest.mark.slow  # 14-31 s: keeps the default suite under ten minutes on 2 cores
 def test_int8_rows_beside_bf16(tmp_path):
   """int8 experts: forward rows with fewer bytes read than bf16, their limit, ratio, tokens/s and speed-up."""
   res, stdout = _run(tmp_path, "--weights", "bf16,int8", "--routing", "uniform", "--no-spd")

@@ -145,6 +145,7 @@ def logits_errors(cfg, params, tokens, positions):
   return out
 
 
+@pytest.mark.slow  # 14-31 s: keeps the default suite under ten minutes on 2 cores
 def test_int8_logits_relative_error_on_fixture(tiny, golden, capsys):
   """The figure issue 15 asks for: logits' relative error of int8 experts on the tiny fixture (golden inputs)."""
   cfg, params = tiny
@@ -219,6 +220,7 @@ def int8_ckpt(tmp_path_factory):
   return out
 
 
+@pytest.mark.slow  # 14-31 s: keeps the default suite under ten minutes on 2 cores
 def test_decode_cli_and_evaluate_take_an_int8_checkpoint(int8_ckpt, tmp_path):
   """decode.py on an int8 checkpoint writes what ``generate`` gives on the loaded int8 params; evaluate runs."""
   inp = tmp_path / "in.jsonl"
