@@ -412,6 +412,7 @@ def test_converted_checkpoint_loads_quietly_and_broken_ones_give_one_line(tmp_pa
     assert not out.exists(), case
 
 
+@pytest.mark.slow  # 23-31 s: keeps the default suite under ten minutes on 2 cores
 def test_self_distillation_decode_then_train(tmp_path, ckpt):
   """decode.py --records training writes what train.py reads: the conversation plus the generated answer."""
   from dmax_jax.training.data import read_conversations  # pylint: disable=import-outside-toplevel

@@ -268,6 +268,7 @@ def _final_params(workdir, on_one_device=False):
   return state["params"]
 
 
+@pytest.mark.slow  # 23-31 s: keeps the default suite under ten minutes on 2 cores
 def test_killed_run_resumes_to_the_same_result(workspace, tmp_path, compile_cache):
   env = _env(compile_cache)
   full, crash = tmp_path / "full", tmp_path / "crash"
@@ -526,6 +527,7 @@ def _tensorboard_scalars(logdir):
   return out
 
 
+@pytest.mark.slow  # 23-31 s: keeps the default suite under ten minutes on 2 cores
 def test_train_result_is_usable_and_logged_to_tensorboard(workspace, tmp_path, compile_cache):
   """WORKDIR/final is what decode.py, tools/evaluate.py and tools/export_hf.py take; TensorBoard has metrics.jsonl."""
   work = tmp_path / "work"
