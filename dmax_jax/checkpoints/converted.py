@@ -296,9 +296,14 @@ def convert_hf(hf_dir: str, out_dir: str, dtype=jnp.float32, progress: Optional[
           _write_tensor(writer, e.leaf, e.index, from_hf_layout(e, tensor), e.leaf in quantized, group_size)
           bar.update(1)
       writer.finish()
-    _write_config(dict(hf_config_dict(cfg, hf_dir), **({quant.CONFIG_KEY: spec} if spec else {})), tmp)
+    _write_config(_with_quantization(hf_config_dict(cfg, hf_dir), spec), tmp)
     _copy_side_files(hf_dir, tmp)
   return cfg
+
+
+def _with_quantization(config: dict, spec: Optional[dict]) -> dict:
+  """``config.json``'s dict with the int8 spec under ``quant.CONFIG_KEY`` (unchanged for float weights)."""
+  return dict(config, **{quant.CONFIG_KEY: spec}) if spec else config
 
 
 def _quantization_spec(cfg: ModelConfig, method: Optional[str], group_size: Optional[int]) -> Optional[dict]:
@@ -349,7 +354,7 @@ def save_checkpoint(params, cfg: ModelConfig, path: str, tokenizer_dir: Optional
         else:
           writer.write(leaf, (), np.asarray(x))
       writer.finish()
-    _write_config(dict(hf_config_dict(cfg), **({quant.CONFIG_KEY: spec} if spec else {})), tmp)
+    _write_config(_with_quantization(hf_config_dict(cfg), spec), tmp)
     _copy_side_files(tokenizer_dir, tmp)
 
 
