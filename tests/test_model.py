@@ -224,8 +224,11 @@ def test_model_helpers_match_hand_computation():
 
 
 @pytest.mark.gpu
-def test_cudnn_attention_gradients_close_to_xla_gpu():
-  """cuDNN flash attention under the [x_t ; x_0] mask at training length: output and gradients vs plain XLA, bf16."""
+@pytest.mark.parametrize("impl", ["cudnn", "tokamax"])
+def test_fused_attention_gradients_close_to_xla_gpu(impl):
+  """Fused flash attention under the [x_t ; x_0] mask at training length: output and gradients vs plain XLA, bf16."""
+  if impl == "tokamax":
+    pytest.importorskip("tokamax")
   from dmax_jax.training import diffusion  # pylint: disable=import-outside-toplevel
 
   B, L, H, G, R = 1, 2048, 16, 4, 128
@@ -235,13 +238,39 @@ def test_cudnn_attention_gradients_close_to_xla_gpu():
   ct = jax.random.normal(k[3], (B, 2 * L, H, R), jnp.bfloat16)
   mask = jnp.broadcast_to(diffusion.bd_attention_mask(L, 32), (B, 2 * L, 2 * L))
 
-  def vjp(impl):
+  def vjp(impl, q, kk, v, ct):
     out, pull = jax.vjp(lambda *a: model_lib.attend(*a, mask, impl), q, kk, v)
     return (out,) + pull(ct)
 
-  got, want = jax.jit(lambda: vjp("cudnn"))(), jax.jit(lambda: vjp("xla"))()
-  assert "cudnn" in jax.jit(lambda: vjp("cudnn")).lower().as_text()
+  fused = jax.jit(lambda *a: vjp(impl, *a))
+  got, want = fused(q, kk, v, ct), jax.jit(lambda *a: vjp("xla", *a))(q, kk, v, ct)
+  hlo = fused.lower(q, kk, v, ct).as_text()
+  assert ("cudnn" if impl == "cudnn" else "mosaic") in hlo.lower()  # the fused kernel, not the XLA fallback
   for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
     a, b = np.float32(a), np.float32(b)
     assert np.isfinite(a).all(), name
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2, name
+
+
+def test_halves_mask_equals_the_whole_mask(tiny):
+  """The [x_t ; x_0] attention as two halves (no clean-over-noisy quarter): the same hidden states and gradients."""
+  from dmax_jax.training import diffusion  # pylint: disable=import-outside-toplevel
+
+  cfg, params = tiny
+  L, K = 12, 4
+  ids = jnp.asarray(np.random.default_rng(3).integers(0, 500, (2, 2 * L)), jnp.int32)
+  pos = diffusion.bd_positions(L)
+
+  def hidden_sum(p, mask):
+    h, _ = model_lib.forward_hidden(p, cfg, tokens=ids, positions=pos, mask=mask)
+    return jnp.sum(h * jnp.cos(jnp.arange(h.size).reshape(h.shape))), h
+
+  halves = model_lib.HalvesMask(*diffusion.bd_attention_halves(L, K))
+  (_, got), g_got = jax.value_and_grad(hidden_sum, has_aux=True)(params, halves)
+  (_, want), g_want = jax.value_and_grad(hidden_sum, has_aux=True)(params, diffusion.bd_attention_mask(L, K))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  full = np.asarray(diffusion.bd_attention_mask(L, K))
+  assert not full[L:, :L].any()  # the quarter the halves leave out is empty
+  np.testing.assert_array_equal(np.asarray(halves.first), full[:L])

@@ -23,8 +23,10 @@ measured in the same run and against ``--peak-tflops``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -38,7 +40,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from configs import oput_mini  # pylint: disable=wrong-import-position
 from dmax_jax import sharding
-from dmax_jax.model import presets
+from dmax_jax.model import moe, presets
 from dmax_jax.training import diffusion
 from dmax_jax.model import transformer as model
 from dmax_jax.model import params as params_lib
@@ -51,12 +53,26 @@ TINY = dict(vocab_size=4096, hidden_size=128, num_attention_heads=4, num_key_val
             topk_group=2, mask_token_id=4095, eos_token_id=4094, pad_token_id=4094)
 
 
+def parse_run(run, args):
+  """``BACKEND[:ATTENTION][@ROWS][+tuned]`` -> (backend, attention, rows per micro-step, micro-steps per step).
+
+  ``@ROWS`` splits the same global batch (``--rows`` x ``--accum`` sequences) into micro-steps of ROWS.
+  """
+  spec, _, rows = run.removesuffix("+tuned").partition("@")
+  backend, _, attention = spec.partition(":")
+  total = args.rows * args.accum
+  rows = int(rows) if rows else args.rows
+  if rows < 1 or total % rows:
+    raise SystemExit(f"bench_train.py: error: --backends {run}: @{rows} must divide the global batch of {total} rows")
+  return backend, attention or "xla", rows, total // rows
+
+
 def model_cfg(args, run):
-  """The model of one run, ``BACKEND`` or ``BACKEND:ATTENTION`` (e.g. ``grouped:cudnn``)."""
-  backend, _, attention = run.partition(":")
+  """The model of one run, ``BACKEND``, ``BACKEND:ATTENTION`` (e.g. ``grouped:cudnn``), with an optional ``@ROWS``."""
+  backend, attention, _, _ = parse_run(run, args)
   arch = TINY if args.tiny else {}
   return dataclasses.replace(presets.llada2_mini(compute_dtype="bfloat16", remat=True, moe_backend=backend,
-                                                    attention=attention or "xla"), num_hidden_layers=args.layers, **arch)
+                                                    attention=attention), num_hidden_layers=args.layers, **arch)
 
 
 def make_batch(cfg, rows, accum, length, seed=0):
@@ -71,19 +87,31 @@ def make_batch(cfg, rows, accum, length, seed=0):
   return trainer.shape_batch(batch, trainer.Plan(G, rows, accum, 1))
 
 
-def bench_backend(args, backend, config, mesh):
+def bench_backend(args, backend, config, mesh, tuned=False):
   """(median seconds per step, per-round seconds, last loss, kernel profile or None) of one backend."""
   cfg = model_cfg(args, backend)
   tx, sched = make_optimizer(config.optim, 1000)
   state = trainer.fresh_state(config, cfg, tx, mesh)
   step = trainer.jit_step(cfg, trainer.objective_from(config), tx, sched, mesh, state)
-  batch = trainer.put_batch(make_batch(cfg, args.rows, args.accum, args.length), mesh)
+  _, _, rows, accum = parse_run(backend, args)
+  batch = trainer.put_batch(make_batch(cfg, rows, accum, args.length), mesh)
   holder = [state]
 
   def one_step(batch):
     holder[0], metrics = step(holder[0], batch)
     return metrics
 
+  if tuned and args.autotune and moe.tokamax_module() is not None and not os.path.exists(args.autotune):
+    t0 = time.perf_counter()
+    result = moe.tokamax_module().autotune(step, holder[0], batch, progress_bar=False)
+    with open(args.autotune, "w") as f:
+      result.dump(f, prune_errors=True)
+    print(f"  {backend}: autotuned its tokamax kernels in {time.perf_counter() - t0:.1f} s -> {args.autotune}", flush=True)
+  with kernel_tuning(args.autotune if tuned else None):
+    return _time_backend(args, backend, one_step, batch, holder)
+
+
+def _time_backend(args, backend, one_step, batch, holder):
   t0 = time.perf_counter()
   metrics = jax.block_until_ready(one_step(batch))
   print(f"  {backend}: compiled and ran one step in {time.perf_counter() - t0:.1f} s, loss {float(metrics['loss']):.3f}",
@@ -131,11 +159,21 @@ def bench_attention(args, cfg, block_length):
   return out
 
 
+def kernel_tuning(path):
+  """The tokamax autotuning result in ``path`` as a context (its kernel configs used within), else a no-op."""
+  tokamax = moe.tokamax_module()
+  if not path or tokamax is None or not os.path.exists(path):
+    return contextlib.nullcontext()
+  with open(path) as f:
+    return tokamax.AutotuningResult.load(f)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--tiny", action="store_true", help="tiny widths (smoke test on any device)")
   ap.add_argument("--backends", default="grouped:cudnn,grouped,dense",
-                  help="runs, comma separated: MoE backend or BACKEND:ATTENTION (the first is compared with the last)")
+                  help="runs, comma separated: BACKEND[:ATTENTION][@ROWS] (MoE backend, attention, rows per micro-step "
+                  "of the same global batch); the first is compared with the last")
   ap.add_argument("--layers", type=int, default=4, help="decoder layers (the first is dense)")
   ap.add_argument("--length", type=int, default=None, help="sequence tokens per row (default 2048; tiny: 64)")
   ap.add_argument("--rows", type=int, default=1, help="sequences per micro-step")
@@ -146,6 +184,9 @@ def main(argv=None):
   ap.add_argument("--peak-tflops", type=float, default=989.0, help="datasheet dense bf16 rate (H100/H200 SXM: 989)")
   ap.add_argument("--attention", action="store_true", help="also time attention at training length")
   ap.add_argument("--profile", type=int, default=0, metavar="N", help="list the N kernels taking the most time")
+  ap.add_argument("--autotune", default=None, metavar="FILE",
+                  help="runs named BACKEND...+tuned use tokamax's autotuned kernel configs from FILE; where FILE "
+                  "does not exist, the first such run autotunes its step's tokamax kernels and writes it")
   ap.add_argument("--json", default=None)
   args = ap.parse_args(argv)
   args.length = args.length or (64 if args.tiny else 2048)
@@ -157,6 +198,8 @@ def main(argv=None):
   print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
   rate = matmul_rate(1024 if args.tiny else 8192, warmup=2, iters=5, rounds=5)
   print(f"bf16 matmul rate (8192^3, random inputs): {rate / 1e12:.1f} TFLOP/s", flush=True)
+  tokamax = moe.tokamax_module()
+  print("grouped matmul: " + (f"tokamax {tokamax.__version__} ragged_dot" if tokamax else "jax.lax.ragged_dot"), flush=True)
   cfg = model_cfg(args, "grouped")
   pairs = int(np.sum(np.asarray(diffusion.bd_attention_mask(args.length, block_length))))
   flops = oput_step_flops(cfg, args.rows * args.accum, args.length, pairs)
@@ -166,15 +209,19 @@ def main(argv=None):
   results = dict(device=dev.device_kind, jax=jax.__version__, matmul_tflops=rate / 1e12, layers=args.layers,
                  rows=args.rows, accum=args.accum, length=args.length, useful_tflop_per_step=flops / 1e12, backends={})
   for backend in args.backends.split(","):
+    tuned = backend.endswith("+tuned")
     try:
-      sec, rounds, loss, profile = bench_backend(args, backend, config, mesh)
+      sec, rounds, loss, profile = bench_backend(args, backend, config, mesh, tuned)
     except Exception as e:  # pylint: disable=broad-except  # e.g. out of memory: the other backends still run
       print(f"  {backend}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
       continue
-    r = dict(step_ms=1e3 * sec, min_ms=1e3 * min(rounds), max_ms=1e3 * max(rounds), loss=loss,
+    _, _, rows, accum = parse_run(backend, args)
+    r = dict(step_ms=1e3 * sec, min_ms=1e3 * min(rounds), max_ms=1e3 * max(rounds), loss=loss, rows=rows, accum=accum,
              tokens_per_s=args.rows * args.accum * args.length / sec, useful_tflops=flops / sec / 1e12)
     r.update(mfu_measured=r["useful_tflops"] * 1e12 / rate, mfu_peak=r["useful_tflops"] / args.peak_tflops)
     results["backends"][backend] = r
+    print(f"  {backend}: {r['step_ms']:.2f} ms per step, {r['tokens_per_s']:.0f} tokens/s, {100 * r['mfu_measured']:.1f}% MFU",
+          flush=True)
     if profile:
       total = sum(t for t, _ in profile.values())
       print(f"\nprofile {backend}: {total / 1e3:.1f} ms of kernels per step")
@@ -183,11 +230,11 @@ def main(argv=None):
       r["profile_top"] = [[name, us, n] for name, (us, n) in list(profile.items())[:args.profile]]
   if args.attention:
     results["attention"] = bench_attention(args, cfg, block_length)
-  print(f"\n{'backend':10s} {'step ms':>9s} {'min':>8s} {'max':>8s} {'tokens/s':>9s} {'TFLOP/s':>8s} "
+  print(f"\n{'backend':16s} {'step ms':>9s} {'min':>8s} {'max':>8s} {'tokens/s':>9s} {'TFLOP/s':>8s} "
         f"{'MFU(meas)':>9s} {'MFU(peak)':>9s} {'loss':>7s}")
   rows = results["backends"]
   for name, r in rows.items():
-    print(f"{name:10s} {r['step_ms']:9.2f} {r['min_ms']:8.2f} {r['max_ms']:8.2f} {r['tokens_per_s']:9.0f} "
+    print(f"{name:16s} {r['step_ms']:9.2f} {r['min_ms']:8.2f} {r['max_ms']:8.2f} {r['tokens_per_s']:9.0f} "
           f"{r['useful_tflops']:8.1f} {100 * r['mfu_measured']:8.1f}% {100 * r['mfu_peak']:8.1f}% {r['loss']:7.3f}")
   names = list(rows)
   if len(names) > 1:

@@ -130,7 +130,7 @@ def experts_dense(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD):
 
 
 @functools.cache
-def _tokamax():
+def tokamax_module():
   """The tokamax module, or None where it is not installed (CPU installs)."""
   try:
     import tokamax  # pylint: disable=import-outside-toplevel
@@ -191,7 +191,7 @@ def ragged_dot(x_MJ, w_EJN, group_sizes_E):
   """
   if _MEMORY_STAND_IN[0]:
     return _stand_in_ragged_dot(x_MJ, w_EJN, group_sizes_E)
-  tokamax = _tokamax()
+  tokamax = tokamax_module()
   if tokamax is not None:
     return tokamax.ragged_dot(x_MJ, w_EJN, group_sizes_E)
   return jax.lax.ragged_dot(x_MJ, w_EJN, group_sizes_E)
@@ -212,30 +212,76 @@ def sort_by_expert(idx_TX, num_experts):
   return order, token, group_sizes
 
 
+def inverse_permutation(order):
+  """``inv`` with ``inv[order[m]] = m`` (the sorted row of each pair)."""
+  return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype), unique_indices=True)
+
+
+# Dispatch and combine move rows by a permutation. Written as plain indexing, XLA differentiates each
+# gather into a scatter-add (it cannot know the indices are a permutation); these carry their own
+# backward, which is the inverse permutation's gather: no scatter in either direction.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def dispatch_rows(x_TD, order, inv, X):
+  """Sorted rows ``[T*X, D]``: row m is token ``order[m] // X``."""
+  return x_TD[order // X]
+
+
+def _dispatch_fwd(x_TD, order, inv, X):
+  return dispatch_rows(x_TD, order, inv, X), (order, inv)
+
+
+def _dispatch_bwd(X, res, ct_MD):
+  order, inv = res
+  ct_TXD = ct_MD[inv].reshape(-1, X, ct_MD.shape[-1])  # back to (token, slot) order, then summed per token
+  return ct_TXD.sum(axis=1, dtype=accum_dtype(ct_MD.dtype)).astype(ct_MD.dtype), None, None
+
+
+dispatch_rows.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@jax.custom_vjp
+def unsort_rows(ys_MD, order, inv):
+  """Rows back in (token, slot) order: row p is sorted row ``inv[p]``."""
+  return ys_MD[inv]
+
+
+def _unsort_fwd(ys_MD, order, inv):
+  return ys_MD[inv], (order, inv)
+
+
+def _unsort_bwd(res, ct_PD):
+  order, _ = res
+  return ct_PD[order], None, None
+
+
+unsort_rows.defvjp(_unsort_fwd, _unsort_bwd)
+
+
 def _grouped_rows(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD):
   """Routed output [T, D] in float32 of the pairs whose id is in ``[0, E)``; other pairs add nothing."""
   dtype = x_TD.dtype
   T, X = idx_TX.shape
   E = w_gate_EDF.shape[0]
-  order, token, group_sizes = sort_by_expert(idx_TX, E)
-  xs_MD = x_TD[token]
+  order, _, group_sizes = sort_by_expert(idx_TX, E)
+  inv = inverse_permutation(order)
+  xs_MD = dispatch_rows(x_TD, order, inv, X)
   gate_MF = ragged_dot(xs_MD, quant.dequantize(w_gate_EDF, dtype), group_sizes)  # int8 experts: dequantized
   up_MF = ragged_dot(xs_MD, quant.dequantize(w_up_EDF, dtype), group_sizes)
   ys_MD = ragged_dot(_swiglu(gate_MF, up_MF), quant.dequantize(w_down_EFD, dtype), group_sizes)
   valid_TX = (idx_TX >= 0) & (idx_TX < E)
-  return combine_sorted(ys_MD, order, jnp.where(valid_TX, w_TX, 0.0), T, valid_TX)
+  return combine_sorted(ys_MD, order, inv, jnp.where(valid_TX, w_TX, 0.0), valid_TX)
 
 
-def combine_sorted(ys_MD, order, w_TX, T, valid_TX=None):
-  """Un-sorts expert outputs and sums them per token with the combine weights (fp32).
+def combine_sorted(ys_MD, order, inv, w_TX, valid_TX):
+  """Un-sorts expert outputs and sums them per token with the combine weights (fp32) -> [T, D].
 
   Rows of pairs where ``valid_TX`` is False are dropped (whatever they hold).
   """
-  X = w_TX.shape[1]
-  unsorted = jnp.zeros_like(ys_MD).at[order].set(ys_MD)
-  y_TXD = unsorted.reshape(T, X, -1).astype(w_TX.dtype)
-  if valid_TX is not None:
-    y_TXD = jnp.where(valid_TX[..., None], y_TXD, 0.0)
+  T, X = w_TX.shape
+  y_TXD = unsort_rows(ys_MD, order, inv).reshape(T, X, -1).astype(w_TX.dtype)
+  y_TXD = jnp.where(valid_TX[..., None], y_TXD, 0.0)
   return jnp.einsum("txd,tx->td", y_TXD, w_TX)
 
 

@@ -120,3 +120,25 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> dict:
 
 def param_bytes(cfg: ModelConfig, dtype=jnp.bfloat16) -> int:
   return count_params(cfg) * np.dtype(dtype).itemsize
+
+
+# The weights the forward only ever reads as ``w.astype(compute_dtype)`` operands of a matmul.
+# (Norms, the router and the expert bias are read in float32; the embedding is gathered row by row.)
+MATMUL_WEIGHTS = frozenset({"qkv", "o", "gate", "up", "down", "w_gate", "w_up", "w_down",
+                            "shared_gate", "shared_up", "shared_down", "lm_head"})
+
+
+def compute_copy(params, dtype):
+  """``params`` with its matmul weights cast to ``dtype`` once (the rest as they are).
+
+  A training step differentiates this copy instead of the float32 master weights: the forward
+  would cast them anyway, on every pass (rollout, forward, remat recompute), and the gradient
+  of a cast is its cotangent cast back, so the gradients are the same numbers.
+  """
+  dtype = jnp.dtype(dtype)
+
+  def cast(path, leaf):
+    low = jnp.issubdtype(leaf.dtype, jnp.floating) and jnp.dtype(leaf.dtype).itemsize > dtype.itemsize
+    return leaf.astype(dtype) if low and getattr(path[-1], "key", None) in MATMUL_WEIGHTS else leaf
+
+  return jax.tree.map_with_path(cast, params)

@@ -25,6 +25,20 @@ from dmax_jax.model.config import ModelConfig, accum_dtype
 _NEG = jnp.finfo(jnp.float32).min
 
 
+class HalvesMask(NamedTuple):
+  """A sequence's attention in two halves, the second of which never attends to the first.
+
+  Queries ``[0, L1)`` attend every key under ``first`` ``[B, L1, S]``; queries
+  ``[L1, S)`` attend keys ``[L1, S)`` only, under ``second`` ``[B, S - L1, S - L1]``.
+  The same attention as the whole ``[S, S]`` mask with False in the second half's
+  rows over the first half's columns, computed without that empty quarter (the
+  training ``[x_t ; x_0]`` input: the clean half never sees the noisy one).
+  """
+
+  first: jax.Array
+  second: jax.Array
+
+
 class KVCache(NamedTuple):
   """Keys and values of every layer, ``[layers, B, S, G, R]`` per stack.
 
@@ -79,11 +93,16 @@ def attend(q_BLHR, k_BSGR, v_BSGR, mask_BLS, implementation: str = "xla"):
 
   ``implementation="cudnn"``: cuDNN's fused flash attention with the boolean
   mask, which never writes the [L, S] scores to memory, where it runs (an
-  NVIDIA GPU, bf16/fp16 inputs); elsewhere, and for ``"xla"``, the plain
-  einsum / softmax / einsum below.
+  NVIDIA GPU, bf16/fp16 inputs); ``"tokamax"``: tokamax's flash attention
+  (its Mosaic GPU kernel on Hopper) there, where tokamax is installed;
+  elsewhere, and for ``"xla"``, the plain einsum / softmax / einsum below.
   """
-  if implementation == "cudnn" and jax.default_backend() == "gpu" and q_BLHR.dtype in (jnp.bfloat16, jnp.float16):
+  fused = jax.default_backend() == "gpu" and q_BLHR.dtype in (jnp.bfloat16, jnp.float16)
+  if implementation == "cudnn" and fused:
     return jax.nn.dot_product_attention(q_BLHR, k_BSGR, v_BSGR, mask=mask_BLS[:, None], implementation="cudnn")
+  tokamax = moe.tokamax_module() if implementation == "tokamax" and fused else None
+  if tokamax is not None:
+    return tokamax.dot_product_attention(q_BLHR, k_BSGR, v_BSGR, mask=mask_BLS[:, None])
   B, L, H, R = q_BLHR.shape
   G = k_BSGR.shape[2]
   q = q_BLHR.reshape(B, L, G, H // G, R)
@@ -127,7 +146,12 @@ def _attention(p, x_BLD, positions_BL, cfg: ModelConfig, mask, kv):
     k, v = k_cache[layer], v_cache[layer]
     new_kv = (k_cache, v_cache)
     k, v = k.astype(dtype), v.astype(dtype)
-  out = attend(q, k, v, mask, cfg.attention)
+  if isinstance(mask, HalvesMask):
+    L1 = mask.first.shape[1]
+    out = jnp.concatenate([attend(q[:, :L1], k, v, mask.first, cfg.attention),
+                           attend(q[:, L1:], k[:, L1:], v[:, L1:], mask.second, cfg.attention)], axis=1)
+  else:
+    out = attend(q, k, v, mask, cfg.attention)
   out = out.reshape(B, L, H * R) @ p["o"].astype(dtype)
   return out, new_kv
 
@@ -237,20 +261,60 @@ def _body(params, cfg: ModelConfig, x, positions, mask, cache: Optional[KVCache]
 
 
 def logits_from_hidden(params, cfg: ModelConfig, hidden_BLD):
-  """The untied lm_head, accumulated and returned in float32 (or wider)."""
+  """The untied lm_head, accumulated and returned in float32 (or wider).
+
+  In bf16/fp16 compute its gradient products run in that dtype too (``_low_precision_head``).
+  """
   dtype = hidden_BLD.dtype
-  return jnp.einsum("bld,dv->blv", hidden_BLD, params["lm_head"].astype(dtype), preferred_element_type=accum_dtype(dtype))
+  w_DV = params["lm_head"].astype(dtype)
+  if dtype in (jnp.bfloat16, jnp.float16):
+    return _low_precision_head(hidden_BLD, w_DV)
+  return jnp.einsum("bld,dv->blv", hidden_BLD, w_DV, preferred_element_type=accum_dtype(dtype))
+
+
+@jax.custom_vjp
+def _low_precision_head(h_BLD, w_DV):
+  """float32 logits of bf16 (fp16) inputs, whose backward casts the logits' cotangent to the input dtype.
+
+  Left to autodiff, the float32 cotangent makes both gradient products float32 GEMMs over the
+  vocabulary (TF32 at best on a GPU); the inputs themselves are bf16, so their gradients keep
+  nothing a bf16 cotangent loses beyond bf16's own rounding.
+  """
+  return jnp.einsum("bld,dv->blv", h_BLD, w_DV, preferred_element_type=jnp.float32)
+
+
+def _low_precision_head_fwd(h_BLD, w_DV):
+  return _low_precision_head(h_BLD, w_DV), (h_BLD, w_DV)
+
+
+def _low_precision_head_bwd(res, ct_BLV):
+  h_BLD, w_DV = res
+  ct = ct_BLV.astype(h_BLD.dtype)
+  dh = jnp.einsum("blv,dv->bld", ct, w_DV, preferred_element_type=jnp.float32).astype(h_BLD.dtype)
+  dw = jnp.einsum("bld,blv->dv", h_BLD, ct, preferred_element_type=jnp.float32).astype(w_DV.dtype)
+  return dh, dw
+
+
+_low_precision_head.defvjp(_low_precision_head_fwd, _low_precision_head_bwd)
 
 
 def _full_mask(mask, B, L):
   if mask is None:
     return jnp.ones((B, L, L), dtype=bool)
+  if isinstance(mask, HalvesMask):
+    L1 = jnp.shape(mask.first)[-2]
+    return HalvesMask(_sized_mask(mask.first, B, (L1, L)), _sized_mask(mask.second, B, (L - L1, L - L1)))
+  return _sized_mask(mask, B, (L, L))
+
+
+def _sized_mask(mask, B, shape):
   mask = jnp.asarray(mask)
   if mask.dtype != jnp.bool_:
     raise ValueError(f"mask must be boolean (True = may attend), got {mask.dtype}")
-  if mask.shape not in ((L, L), (B, L, L)):
-    raise ValueError(f"mask must be [L, L] or [B, L, L] with L={L}, B={B}; got {mask.shape}")
-  return jnp.broadcast_to(mask, (B, L, L))
+  if mask.shape not in (shape, (B,) + shape):
+    raise ValueError(f"mask must be [L, L] or [B, L, L] (a HalvesMask part: its [L1, L] or [L2, L2]) with shape "
+                     f"{list(shape)} here, B={B}; got {list(mask.shape)}")
+  return jnp.broadcast_to(mask, (B,) + shape)
 
 
 def forward_hidden(params, config: ModelConfig, *, tokens=None, embeds=None, positions=None, mask=None):
@@ -268,8 +332,8 @@ def forward_hidden(params, config: ModelConfig, *, tokens=None, embeds=None, pos
 def forward(params, config: ModelConfig, *, tokens=None, embeds=None, positions=None, mask=None):
   """Logits ``[B, L, V]`` (float32) for token ids ``[B, L]`` or input embeddings ``[B, L, D]``.
 
-  ``mask`` is boolean ``[L, L]`` or ``[B, L, L]`` (True = may attend), None for
-  full bidirectional attention; ``positions`` ``[L]`` or ``[B, L]``, None for
+  ``mask`` is boolean ``[L, L]`` or ``[B, L, L]`` (True = may attend), a
+  ``HalvesMask``, or None for full bidirectional attention; ``positions`` ``[L]`` or ``[B, L]``, None for
   ``0..L-1``.
   """
   hidden, _ = forward_hidden(params, config, tokens=tokens, embeds=embeds, positions=positions, mask=mask)

@@ -13,7 +13,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.remat = True  # rematerialise every layer in the backward pass (gradient checkpointing)
   c.moe_backend = "grouped"  # "grouped" (sorted ragged_dot), "dense" (reference), "pallas"
   c.scan_layers = True  # lax.scan over the stacked layers
-  c.attention = "xla"  # "xla" (einsum + fp32 softmax) or "cudnn" (fused flash attention on NVIDIA GPUs in bf16, else xla)
+  c.attention = "xla"  # "xla" (einsum + fp32 softmax), "cudnn" or "tokamax" (fused flash attention on NVIDIA GPUs in bf16, else xla)
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # training JSONL ({"question","answer"} or {"messages": [...]})

@@ -87,6 +87,13 @@ def bd_attention_mask(length: int, block_length: int):
   return jnp.concatenate([top, bottom], axis=0)
 
 
+def bd_attention_halves(length: int, block_length: int):
+  """``bd_attention_mask`` as its two non-empty parts: (noisy rows over all ``2L`` columns ``[L, 2L]``,
+  clean rows over the clean columns ``[L, L]``); the clean rows' noisy columns are all False."""
+  full = bd_attention_mask(length, block_length)
+  return full[:length], full[length:, length:]
+
+
 def bd_positions(length: int):
   """Position ids ``[0..L-1, 0..L-1]`` of the two halves, ``[2L]``."""
   idx = jnp.arange(length, dtype=jnp.int32)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from dmax_jax.training import diffusion
 from dmax_jax.model.config import ModelConfig
-from dmax_jax.model.transformer import forward_hidden, logits_from_hidden
+from dmax_jax.model.transformer import HalvesMask, forward_hidden, logits_from_hidden
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,7 @@ def noisy_logits(params, cfg: ModelConfig, x_t_BL, x_0_BL, block_length: int):
   L = x_t_BL.shape[1]
   hidden, _ = forward_hidden(
       params, cfg, tokens=diffusion.bd_inputs(x_t_BL, x_0_BL), positions=diffusion.bd_positions(L),
-      mask=diffusion.bd_attention_mask(L, block_length),
+      mask=HalvesMask(*diffusion.bd_attention_halves(L, block_length)),  # the clean half never attends the noisy one
   )
   return logits_from_hidden(params, cfg, hidden[:, :L])
 

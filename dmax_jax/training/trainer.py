@@ -47,7 +47,7 @@ from dmax_jax.checkpoints.converted import load_any, save_checkpoint
 from dmax_jax.model.config import MOE_BACKENDS, ModelConfig, load_hf_config
 from dmax_jax.checkpoints.hf import CheckpointError
 from dmax_jax.training.optim import make_optimizer
-from dmax_jax.model.params import init_params
+from dmax_jax.model.params import compute_copy, init_params
 from dmax_jax.progress import ReporterFactory, reporter
 from dmax_jax.tokenizer import load_tokenizer
 from dmax_jax.training.checkpoint import TrainCheckpointer
@@ -129,23 +129,31 @@ def objective_from(config) -> losses.Objective:
 def make_step_fn(cfg: ModelConfig, obj: losses.Objective, tx: optax.GradientTransformation, schedule):
   """``step(state, batch) -> (state, metrics)`` (not jitted); ``batch`` leaves are ``[A, B, ...]``."""
 
-  def micro(params, step_key, acc, mb):
+  def micro(weights, step_key, mb):
+    """(gradient w.r.t. ``weights``, cross-entropy sum, covered positions) of one micro-batch."""
     keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(mb["row"])
+    (total, count), g = jax.value_and_grad(lambda w: losses.loss_sum(w, cfg, obj, mb, keys), has_aux=True)(weights)
+    return g, total, count
 
-    def f(p):
-      total, count = losses.loss_sum(p, cfg, obj, mb, keys)
-      return total, count
+  def accumulate(params, weights, step_key, batch):
+    """Gradient sums in the master weights' dtype over the ``A`` micro-batches (one: no accumulator)."""
+    if jax.tree.leaves(batch)[0].shape[0] == 1:
+      g, total, count = micro(weights, step_key, jax.tree.map(lambda a: a[0], batch))
+      return jax.tree.map(lambda p, b: b.astype(p.dtype), params, g), total, count
 
-    (total, count), g = jax.value_and_grad(f, has_aux=True)(params)
-    g_acc, t_acc, c_acc = acc
-    return jax.tree.map(jnp.add, g_acc, g), t_acc + total, c_acc + count
+    def add(acc, mb):
+      g, total, count = micro(weights, step_key, mb)
+      g_acc, t_acc, c_acc = acc
+      return (jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_acc, g), t_acc + total, c_acc + count), None
+
+    acc0 = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    return jax.lax.scan(add, acc0, batch)[0]
 
   def step(state, batch):
     params = state["params"]
     step_key = jax.random.fold_in(state["rng"], state["step"])
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    acc0 = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (g_sum, total, count), _ = jax.lax.scan(lambda acc, mb: (micro(params, step_key, acc, mb), None), acc0, batch)
+    weights = compute_copy(params, cfg.compute_dtype)  # cast once per step, not on every pass of every micro-step
+    g_sum, total, count = accumulate(params, weights, step_key, batch)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, g_sum)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
