@@ -198,6 +198,7 @@ def test_corrupt_output_exit_2(tmp_path, ckpt, capsys):
   assert f"error: {out}:2: not a JSON record" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 8 s: keeps the default suite under ten minutes on 2 cores
 def test_trace_html_shows_every_step(tmp_path, ckpt, model, capsys):
   cfg, params, tok = model
   inp = write_jsonl(tmp_path / "in.jsonl", GOOD[:2])

@@ -264,6 +264,7 @@ def _readme_commands(prefix: str) -> list[str]:
   return [" ".join(line.split()) for line in lines if line.startswith(prefix)]
 
 
+@pytest.mark.slow  # 14 s: keeps the default suite under ten minutes on 2 cores
 def test_readme_decode_and_evaluate_commands_work_on_the_demo_output(toy_run, capsys):
   """The README's commands for the quick start's checkpoints, run as written on a toy demo's workdir.
 

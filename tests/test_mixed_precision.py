@@ -28,15 +28,15 @@ def test_compute_copy_casts_matmul_weights_only(tiny):
 
 
 def test_gradients_through_the_copy_equal_the_master_weights(tiny):
-  """d(OPUT loss) w.r.t. the bf16 copy, cast up, equals d(loss) w.r.t. the float32 master weights (bf16 compute)."""
+  """d(loss) w.r.t. the bf16 copy, cast up, equals d(loss) w.r.t. the float32 master weights (bf16 compute)."""
   cfg, params = tiny
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
-  c = with_numerics(cfg, compute_dtype="bfloat16", moe_backend="grouped", remat=True)
+  c = with_numerics(cfg, compute_dtype="bfloat16", moe_backend="dense")
   rng = np.random.default_rng(0)
   ids = rng.integers(0, 500, (2, 16)).astype(np.int32)
   batch = {"ids": ids, "prompt_len": np.array([3, 5], np.int32), "labels": ids, "on_policy": np.array([True, False])}
   keys = jax.random.split(jax.random.key(0), 2)
-  obj = losses.Objective(block_length=4, oput=True)
+  obj = losses.Objective(block_length=4, oput=False)  # the rollout reads the same copy; one forward keeps it quick
   grad = jax.jit(jax.grad(lambda p: losses.loss_sum(p, c, obj, batch, keys)[0]))
   want = grad(params)
   got = grad(params_lib.compute_copy(params, jnp.bfloat16))
@@ -44,8 +44,9 @@ def test_gradients_through_the_copy_equal_the_master_weights(tiny):
     if path[-1].key == "expert_bias":  # selection only: no gradient
       continue
     assert float(jnp.abs(w).max()) > 0, path
-    # The same products. Measured on CPU: equal to the bit, except the routed experts (rel. 1.7e-3), whose
-    # gradient XLA's ragged_dot returns unrounded in float32 when it fuses the cast of a float32 weight.
+    # The same products: equal to the bit on this CPU (dense backend; through the grouped backend's
+    # ragged_dot the routed experts differ by 1.7e-3, XLA keeping their float32 gradient unrounded when it
+    # fuses the cast of a float32 weight). The bound leaves room for another CPU's fusion choices.
     assert _rel(g, w) < 1e-2, (path, _rel(g, w))
 
 
