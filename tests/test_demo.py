@@ -318,3 +318,15 @@ def test_run_demo_diverging_training_is_one_line(tmp_path):
   assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
   assert r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr[-2000:]
   assert not (tmp_path / "w" / "base").exists()  # no base model exported from a diverged run
+
+
+def test_distillation_that_decodes_nothing_says_why_and_writes_no_data(toy_run, tmp_path):
+  """Every prompt failing (here: prompt + generation past the model's positions) stops with the first reason."""
+  workdir, config, _ = toy_run
+  config = toy_config()
+  config.eval.gen_length = 4096  # far past max_position_embeddings
+  out = tmp_path / "w"
+  with pytest.raises(demo.DemoError, match="distill: every prompt failed; the first: .*"):
+    demo.distill(config, str(out), os.path.join(workdir, "base"), os.path.join(workdir, "data", "train.jsonl"),
+                 progress=False)
+  assert not (out / "distill" / "oput.jsonl").exists()

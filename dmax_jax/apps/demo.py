@@ -167,6 +167,8 @@ def distill(config, workdir: str, base_dir: str, train_path: str, progress: bool
                         batch_size=d.batch_size, writer=writer, seed=config.seed, desc="distill", progress=progress)
   _log(runner.summary_line(result))
   records = {r["id"]: r for r in read_records(os.path.join(workdir, "distill", "records.jsonl"))}
+  if not records and result.errors:  # e.g. prompt + gen length past the model's positions: say so, write nothing
+    raise DemoError(f"distill: every prompt failed; the first: {result.errors[0]}")
   kept = [{"question": rows[i]["question"], "answer": records[i]["output"]}
           for i in range(len(rows)) if i in records and keep_generation(records[i]["output"], d.keep)]
   correct = sum(gsm8k.is_correct(records[i]["output"], gsm8k.reference_answer(rows[i]["answer"])) for i in records)
