@@ -170,6 +170,11 @@ def main(argv):
   from dmax_jax.training import trainer  # pylint: disable=import-outside-toplevel
   from dmax_jax.sharding import MeshError  # pylint: disable=import-outside-toplevel
 
+  from dmax_jax.model import moe  # pylint: disable=import-outside-toplevel
+
+  if flags.FLAGS.config.moe_backend == "grouped" and jax.default_backend() == "gpu" and moe.tokamax_module() is None:
+    print(f"warning: tokamax cannot be imported ({moe.tokamax_import_error()}): the grouped MoE runs "
+          "jax.lax.ragged_dot, which XLA lowers densely on GPUs (pip install -e '.[cuda]')", file=sys.stderr)
   try:
     trainer.train(flags.FLAGS.config, flags.FLAGS.workdir, progress=bar_if(flags.FLAGS.progress),
                   on_resume=lambda step: print(f"resuming from step {step}", flush=True))

@@ -135,3 +135,11 @@ def test_memory_stand_in_plans_only_operands_and_output():
   expanded = temp_bytes()
   operands_and_output = 2 * (R * D + E * D * F + R * F)
   assert planned <= 2 * operands_and_output < expanded, (planned, expanded)
+
+
+def test_tokamax_import_error_says_why():
+  """Where tokamax cannot be imported the reason is kept (the apps print it); where it can, there is none."""
+  if moe.tokamax_module() is None:
+    assert moe.tokamax_import_error().startswith(("ModuleNotFoundError", "ImportError"))
+  else:
+    assert moe.tokamax_import_error() == ""

@@ -199,7 +199,8 @@ def main(argv=None):
   rate = matmul_rate(1024 if args.tiny else 8192, warmup=2, iters=5, rounds=5)
   print(f"bf16 matmul rate (8192^3, random inputs): {rate / 1e12:.1f} TFLOP/s", flush=True)
   tokamax = moe.tokamax_module()
-  print("grouped matmul: " + (f"tokamax {tokamax.__version__} ragged_dot" if tokamax else "jax.lax.ragged_dot"), flush=True)
+  print("grouped matmul: " + (f"tokamax {tokamax.__version__} ragged_dot" if tokamax else
+                               f"jax.lax.ragged_dot (tokamax: {moe.tokamax_import_error()})"), flush=True)
   cfg = model_cfg(args, "grouped")
   pairs = int(np.sum(np.asarray(diffusion.bd_attention_mask(args.length, block_length))))
   flops = oput_step_flops(cfg, args.rows * args.accum, args.length, pairs)

@@ -130,13 +130,23 @@ def experts_dense(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD):
 
 
 @functools.cache
-def tokamax_module():
-  """The tokamax module, or None where it is not installed (CPU installs)."""
+def _import_tokamax():
+  """(the tokamax module or None, why it could not be imported or "")."""
   try:
     import tokamax  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return None
-  return tokamax
+  except ImportError as e:  # not installed (CPU installs), or one of its imports missing (xprof needs fire)
+    return None, f"{type(e).__name__}: {e}"
+  return tokamax, ""
+
+
+def tokamax_module():
+  """The tokamax module, or None where it cannot be imported (``tokamax_import_error`` says why)."""
+  return _import_tokamax()[0]
+
+
+def tokamax_import_error() -> str:
+  """Why ``import tokamax`` failed ("" where it works)."""
+  return _import_tokamax()[1]
 
 
 _MEMORY_STAND_IN = [False]
