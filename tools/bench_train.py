@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,26 +54,32 @@ TINY = dict(vocab_size=4096, hidden_size=128, num_attention_heads=4, num_key_val
             topk_group=2, mask_token_id=4095, eos_token_id=4094, pad_token_id=4094)
 
 
-def parse_run(run, args):
-  """``BACKEND[:ATTENTION][@ROWS][+tuned]`` -> (backend, attention, rows per micro-step, micro-steps per step).
+class Run(NamedTuple):
+  """One ``--backends`` entry, ``BACKEND[:ATTENTION][@ROWS][+tuned]``."""
 
-  ``@ROWS`` splits the same global batch (``--rows`` x ``--accum`` sequences) into micro-steps of ROWS.
-  """
+  name: str  # as given
+  backend: str
+  attention: str
+  rows: int  # rows per micro-step (``@ROWS``; default ``--rows``)
+  accum: int  # micro-steps per step: the same global batch of ``--rows`` x ``--accum`` sequences
+  tuned: bool  # use (or make) the ``--autotune`` file
+
+
+def parse_run(run: str, args) -> Run:
   spec, _, rows = run.removesuffix("+tuned").partition("@")
   backend, _, attention = spec.partition(":")
   total = args.rows * args.accum
   rows = int(rows) if rows else args.rows
   if rows < 1 or total % rows:
     raise SystemExit(f"bench_train.py: error: --backends {run}: @{rows} must divide the global batch of {total} rows")
-  return backend, attention or "xla", rows, total // rows
+  return Run(run, backend, attention or "xla", rows, total // rows, run.endswith("+tuned"))
 
 
-def model_cfg(args, run):
-  """The model of one run, ``BACKEND``, ``BACKEND:ATTENTION`` (e.g. ``grouped:cudnn``), with an optional ``@ROWS``."""
-  backend, attention, _, _ = parse_run(run, args)
+def model_cfg(args, run: Run):
+  """The model of one run."""
   arch = TINY if args.tiny else {}
-  return dataclasses.replace(presets.llada2_mini(compute_dtype="bfloat16", remat=True, moe_backend=backend,
-                                                    attention=attention), num_hidden_layers=args.layers, **arch)
+  return dataclasses.replace(presets.llada2_mini(compute_dtype="bfloat16", remat=True, moe_backend=run.backend,
+                                                    attention=run.attention), num_hidden_layers=args.layers, **arch)
 
 
 def make_batch(cfg, rows, accum, length, seed=0):
@@ -87,28 +94,27 @@ def make_batch(cfg, rows, accum, length, seed=0):
   return trainer.shape_batch(batch, trainer.Plan(G, rows, accum, 1))
 
 
-def bench_backend(args, backend, config, mesh, tuned=False):
-  """(median seconds per step, per-round seconds, last loss, kernel profile or None) of one backend."""
-  cfg = model_cfg(args, backend)
+def bench_backend(args, run: Run, config, mesh):
+  """(median seconds per step, per-round seconds, last loss, kernel profile or None) of one run."""
+  cfg = model_cfg(args, run)
   tx, sched = make_optimizer(config.optim, 1000)
   state = trainer.fresh_state(config, cfg, tx, mesh)
   step = trainer.jit_step(cfg, trainer.objective_from(config), tx, sched, mesh, state)
-  _, _, rows, accum = parse_run(backend, args)
-  batch = trainer.put_batch(make_batch(cfg, rows, accum, args.length), mesh)
+  batch = trainer.put_batch(make_batch(cfg, run.rows, run.accum, args.length), mesh)
   holder = [state]
 
   def one_step(batch):
     holder[0], metrics = step(holder[0], batch)
     return metrics
 
-  if tuned and args.autotune and moe.tokamax_module() is not None and not os.path.exists(args.autotune):
+  if run.tuned and args.autotune and moe.tokamax_module() is not None and not os.path.exists(args.autotune):
     t0 = time.perf_counter()
     result = moe.tokamax_module().autotune(step, holder[0], batch, progress_bar=False)
     with open(args.autotune, "w") as f:
       result.dump(f, prune_errors=True)
-    print(f"  {backend}: autotuned its tokamax kernels in {time.perf_counter() - t0:.1f} s -> {args.autotune}", flush=True)
-  with kernel_tuning(args.autotune if tuned else None):
-    return _time_backend(args, backend, one_step, batch, holder)
+    print(f"  {run.name}: autotuned its tokamax kernels in {time.perf_counter() - t0:.1f} s -> {args.autotune}", flush=True)
+  with kernel_tuning(args.autotune if run.tuned else None):
+    return _time_backend(args, run.name, one_step, batch, holder)
 
 
 def _time_backend(args, backend, one_step, batch, holder):
@@ -135,12 +141,9 @@ def bench_attention(args, cfg, block_length):
   impls = {"xla (model.attend)": lambda q, kk, v: model.attend(q, kk, v, mask),
            "cudnn (jax.nn, mask)": lambda q, kk, v: jax.nn.dot_product_attention(
                q, kk, v, mask=mask[:, None], implementation="cudnn")}
-  try:
-    import tokamax  # pylint: disable=import-outside-toplevel
-
+  tokamax = moe.tokamax_module()
+  if tokamax is not None:
     impls["tokamax (mask)"] = lambda q, kk, v: tokamax.dot_product_attention(q, kk, v, mask=mask[:, None])
-  except ImportError:
-    pass
   out = {}
   want = None
   for name, fn in impls.items():
@@ -201,7 +204,8 @@ def main(argv=None):
   tokamax = moe.tokamax_module()
   print("grouped matmul: " + (f"tokamax {tokamax.__version__} ragged_dot" if tokamax else
                                f"jax.lax.ragged_dot (tokamax: {moe.tokamax_import_error()})"), flush=True)
-  cfg = model_cfg(args, "grouped")
+  runs = [parse_run(name, args) for name in args.backends.split(",")]  # a bad entry fails before any compile
+  cfg = model_cfg(args, parse_run("grouped", args))
   pairs = int(np.sum(np.asarray(diffusion.bd_attention_mask(args.length, block_length))))
   flops = oput_step_flops(cfg, args.rows * args.accum, args.length, pairs)
   print(f"model: {args.layers} layers ({cfg.num_dense_layers} dense), {params_lib.count_params(cfg) / 1e9:.2f} B "
@@ -209,15 +213,15 @@ def main(argv=None):
         f" allowed; useful work {flops / 1e12:.2f} TFLOP per step", flush=True)
   results = dict(device=dev.device_kind, jax=jax.__version__, matmul_tflops=rate / 1e12, layers=args.layers,
                  rows=args.rows, accum=args.accum, length=args.length, useful_tflop_per_step=flops / 1e12, backends={})
-  for backend in args.backends.split(","):
-    tuned = backend.endswith("+tuned")
+  for run in runs:
+    backend = run.name
     try:
-      sec, rounds, loss, profile = bench_backend(args, backend, config, mesh, tuned)
+      sec, rounds, loss, profile = bench_backend(args, run, config, mesh)
     except Exception as e:  # pylint: disable=broad-except  # e.g. out of memory: the other backends still run
       print(f"  {backend}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
       continue
-    _, _, rows, accum = parse_run(backend, args)
-    r = dict(step_ms=1e3 * sec, min_ms=1e3 * min(rounds), max_ms=1e3 * max(rounds), loss=loss, rows=rows, accum=accum,
+    r = dict(step_ms=1e3 * sec, min_ms=1e3 * min(rounds), max_ms=1e3 * max(rounds), loss=loss, rows=run.rows,
+             accum=run.accum,
              tokens_per_s=args.rows * args.accum * args.length / sec, useful_tflops=flops / sec / 1e12)
     r.update(mfu_measured=r["useful_tflops"] * 1e12 / rate, mfu_peak=r["useful_tflops"] / args.peak_tflops)
     results["backends"][backend] = r
