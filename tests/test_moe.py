@@ -30,10 +30,13 @@ def _layer(key, T, D, E, F, X, dtype=jnp.float32):
 
 def test_sort_by_expert_by_hand():
   idx = jnp.array([[2, 0], [1, 2], [0, -1]], jnp.int32)  # -1 belongs to no expert of 3: it sorts last
-  order, token, sizes = moe.sort_by_expert(idx, 3)
+  order, sizes = moe.sort_by_expert(idx, 3)
   np.testing.assert_array_equal(order, [1, 4, 2, 0, 3, 5])
-  np.testing.assert_array_equal(token, [0, 2, 1, 0, 1, 2])
   np.testing.assert_array_equal(sizes, [2, 1, 2])
+  inv = moe.inverse_permutation(order)
+  np.testing.assert_array_equal(inv, [3, 0, 2, 4, 1, 5])
+  x = jnp.arange(3.0)[:, None] * jnp.ones((1, 2))  # token t's row holds t
+  np.testing.assert_array_equal(moe.dispatch_rows(x, order, inv, 2)[:, 0], [0, 2, 1, 0, 1, 2])  # the sorted rows' tokens
 
 
 def test_grouped_ignores_pairs_of_other_experts():

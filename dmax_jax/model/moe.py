@@ -211,15 +211,14 @@ def sort_by_expert(idx_TX, num_experts):
   """Orders the T*X (token, expert) pairs by expert.
 
   Ids outside ``[0, num_experts)`` belong to no group and sort last. Returns
-  (order [T*X]: pair index of each sorted row, token [T*X]: the token of each
-  sorted row, group_sizes [E]: rows per expert).
+  (order [T*X]: pair index of each sorted row, so its token is ``order // X``;
+  group_sizes [E]: rows per expert).
   """
   flat = idx_TX.reshape(-1)
   flat = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts)
   order = jnp.argsort(flat, stable=True)
-  token = order // idx_TX.shape[1]
   group_sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1, mode="drop")
-  return order, token, group_sizes
+  return order, group_sizes
 
 
 def inverse_permutation(order):
@@ -274,7 +273,7 @@ def _grouped_rows(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD):
   dtype = x_TD.dtype
   T, X = idx_TX.shape
   E = w_gate_EDF.shape[0]
-  order, _, group_sizes = sort_by_expert(idx_TX, E)
+  order, group_sizes = sort_by_expert(idx_TX, E)
   inv = inverse_permutation(order)
   xs_MD = dispatch_rows(x_TD, order, inv, X)
   gate_MF = ragged_dot(xs_MD, quant.dequantize(w_gate_EDF, dtype), group_sizes)  # int8 experts: dequantized
