@@ -201,9 +201,7 @@ def main(argv=None):
   print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
   rate = matmul_rate(1024 if args.tiny else 8192, warmup=2, iters=5, rounds=5)
   print(f"bf16 matmul rate (8192^3, random inputs): {rate / 1e12:.1f} TFLOP/s", flush=True)
-  tokamax = moe.tokamax_module()
-  print("grouped matmul: " + (f"tokamax {tokamax.__version__} ragged_dot" if tokamax else
-                               f"jax.lax.ragged_dot (tokamax: {moe.tokamax_import_error()})"), flush=True)
+  print("grouped matmul: " + moe.grouped_matmul_name(), flush=True)
   runs = [parse_run(name, args) for name in args.backends.split(",")]  # a bad entry fails before any compile
   cfg = model_cfg(args, parse_run("grouped", args))
   pairs = int(np.sum(np.asarray(diffusion.bd_attention_mask(args.length, block_length))))

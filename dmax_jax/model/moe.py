@@ -9,9 +9,9 @@ matmul's input and output widths.
 routed experts run through one of three backends (``cfg.moe_backend``), each of
 which prepares its own weight layout (``prepare_experts``):
 - ``grouped``: (token, expert) pairs sorted by expert and pushed through a
-  grouped matmul in both directions, gate/up and down (``ragged_dot``:
-  ``tokamax.ragged_dot`` where tokamax is installed, which picks its Mosaic GPU
-  kernel on Hopper and XLA elsewhere; ``jax.lax.ragged_dot`` otherwise), then
+  grouped matmul in both directions, gate/up and down (``ragged_dot``: Mosaic
+  GPU kernels of tokamax and JAX on Hopper, ``kernels.grouped_matmul``;
+  ``tokamax.ragged_dot`` or ``jax.lax.ragged_dot`` elsewhere), then
   combined back per token. Under a device mesh (``jax.set_mesh``) it runs in
   ``shard_map``: tokens split over the data axes, each device computing the
   rows of its own experts (``expert`` axis) and its slice of the expert width
@@ -42,6 +42,7 @@ from jax.sharding import PartitionSpec as P
 
 from dmax_jax.model import quant
 from dmax_jax.model.config import ModelConfig, accum_dtype
+from dmax_jax.model.kernels import grouped_matmul
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
@@ -149,6 +150,17 @@ def tokamax_import_error() -> str:
   return _import_tokamax()[1]
 
 
+def grouped_matmul_name() -> str:
+  """What ``ragged_dot`` runs on this device, in words (the apps print it)."""
+  tokamax = tokamax_module()
+  if tokamax is None:
+    return f"jax.lax.ragged_dot (tokamax: {tokamax_import_error()})"
+  if grouped_matmul.ready():
+    return (f"tokamax {tokamax.__version__} Mosaic GPU ragged_dot, measured tiles; weight gradient: JAX's "
+            "transposed_ragged_dot")
+  return f"tokamax {tokamax.__version__} ragged_dot"
+
+
 _MEMORY_STAND_IN = [False]
 
 
@@ -194,14 +206,18 @@ _stand_in_ragged_dot.defvjp(_stand_in_fwd, _stand_in_bwd)
 def ragged_dot(x_MJ, w_EJN, group_sizes_E):
   """``[M, N]``: rows ``x`` in consecutive groups, group e multiplied by ``w[e]``; rows past the groups are 0.
 
-  ``tokamax.ragged_dot`` where tokamax is installed (it picks its kernel per
-  platform: Mosaic GPU on Hopper and later, XLA elsewhere); otherwise
+  On Hopper GPUs in bf16: ``kernels.grouped_matmul`` (tokamax's Mosaic GPU
+  kernel with measured launch settings, and JAX's transposed ragged dot for the
+  weight gradient, since tokamax's is wrong there). Elsewhere
+  ``tokamax.ragged_dot`` where tokamax is installed (XLA off Hopper); otherwise
   ``jax.lax.ragged_dot``, which XLA lowers densely over all E groups on NVIDIA
   GPUs (BENCHMARKS.md).
   """
   if _MEMORY_STAND_IN[0]:
     return _stand_in_ragged_dot(x_MJ, w_EJN, group_sizes_E)
   tokamax = tokamax_module()
+  if tokamax is not None and grouped_matmul.applies(x_MJ, w_EJN):
+    return grouped_matmul.ragged_dot(x_MJ, w_EJN, group_sizes_E)
   if tokamax is not None:
     return tokamax.ragged_dot(x_MJ, w_EJN, group_sizes_E)
   return jax.lax.ragged_dot(x_MJ, w_EJN, group_sizes_E)

@@ -1,5 +1,8 @@
-"""Hand-written kernels (Pallas) for the hot spots XLA lowers poorly.
+"""Kernels for the hot spots XLA lowers poorly (Pallas, or library kernels composed).
 
 - ``moe_pallas``: grouped expert matmuls that read each touched expert once
   and skip untouched experts (the decoding MoE path, ``moe_backend="pallas"``).
+- ``grouped_matmul``: the grouped MoE matmul on Hopper GPUs, forward and
+  backward, from tokamax's and JAX's Mosaic GPU kernels (the training path,
+  ``moe_backend="grouped"``).
 """
