@@ -22,7 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.task = "digits"  # dmax_jax.apps.arith.TASKS: "digits" (each day adds the total's ones digit: the final
   # number needs the chain), "savings" (the same amount daily), "week"/"bag" (any order)
   c.data.amounts = (2, 9)  # each day's amount (savings, week, bag) or the start's ones digit (digits), inclusive
-  c.data.hold_out = "question"  # test questions never occur in training; "start" (digits only): nor do test starts.
+  c.data.hold_out = "question"  # test questions never occur in training; "start" (digits only): nor do test starts;
+  # "chain" (digits only): nor do test (start, days) pairs
   # digits has about a hundred distinct chains, so with "question" they all occur in training (under other names
   # and items): accuracy measures decoding, not generalisation (BENCHMARKS.md has the "start" run)
 

@@ -133,6 +133,26 @@ def test_digits_test_split_holds_out_starts():
   assert {start(p) for p in test} <= {start(p) for p in train}
 
 
+def test_digits_test_split_holds_out_chains():
+  """hold_out="chain": no test (start, days) pair occurs in training, but each test start does, with its other
+  day count, and every test step (total -> total + its ones digit) is a step some training chain takes."""
+  def pair(p):
+    return int(re.match(r"\w+ has (\d+) ", p["question"]).group(1)), p["answer"].count("Day ")
+
+  def steps(p):
+    return {(int(a) if int(b) < 10 else int(b), int(c)) for a, b, c in re.findall(r"<<(\d+)\+(\d+)=(\d+)>>", p["answer"])}
+
+  train, test = arith.splits(3000, 100, 0, 4, 5, task="digits", hold_out="chain")
+  train_pairs, test_pairs = {pair(p) for p in train}, {pair(p) for p in test}
+  assert not train_pairs & test_pairs and len(test_pairs) >= 10
+  assert all(arith.heldout_chain(*q) for q in test_pairs) and not any(arith.heldout_chain(*q) for q in train_pairs)
+  assert all((s, 9 - d) in train_pairs for s, d in test_pairs)  # days are 4 or 5: the other count is trained
+  train_steps = set().union(*map(steps, train))
+  assert set().union(*map(steps, test)) <= train_steps
+  with pytest.raises(ValueError, match="hold_out must be"):
+    arith.splits(10, 2, 0, task="week", hold_out="chain")
+
+
 def test_step_count_range_is_respected():
   counts = {p["answer"].count("<<") for p in arith.problems(200, 1, 3, 5)}
   assert counts == {3, 4, 5}

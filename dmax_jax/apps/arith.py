@@ -123,14 +123,15 @@ def week_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tupl
 
 
 def digits_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple[int, int],
-                   part: str = "any") -> dict:
+                   part: str = "any", unit: str = "start") -> dict:
   """One ``digits`` problem: {"question", "answer"} (one step per day, then ``#### n``).
 
   Each day adds the ones digit of the running total, so every step needs the previous step's result and no
   closed form of the prompt gives the last one. ``amounts`` bounds the start's ones digit (inclusive); starts
   whose chain would reach a ones digit of 0 (a step adding nothing) or pass 99 are drawn again. There are only
-  about fifty starts: ``part="test"`` draws from the quarter of them that ``heldout_start`` picks,
-  ``part="train"`` from the rest (``splits(hold_out="start")``: no test start is ever a training start).
+  about fifty starts: with ``unit="start"``, ``part="test"`` draws from the quarter of them that
+  ``heldout_start`` picks and ``part="train"`` from the rest (``splits(hold_out="start")``: no test start is
+  ever a training start); with ``unit="chain"`` the split is by (start, days) pair (``heldout_chain``).
   """
   name, pron = r.choice(NAMES)
   item = r.choice(ITEMS)
@@ -140,7 +141,8 @@ def digits_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tu
     chain = [start]
     for _ in range(days):
       chain.append(chain[-1] + chain[-1] % 10)
-    if chain[-1] <= 99 and all(x % 10 for x in chain) and part in ("any", ("train", "test")[heldout_start(start)]):
+    held = heldout_start(start) if unit == "start" else heldout_chain(start, days)
+    if chain[-1] <= 99 and all(x % 10 for x in chain) and part in ("any", ("train", "test")[held]):
       break
   steps = []
   for day, (total, nxt) in enumerate(zip(chain, chain[1:]), 1):
@@ -155,6 +157,12 @@ def digits_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tu
 def heldout_start(start: int) -> bool:
   """Whether a ``digits`` start belongs to the test split (a fixed quarter of the starts, spread over tens and ones)."""
   return (start // 10 + start) % 4 == 0
+
+
+def heldout_chain(start: int, days: int) -> bool:
+  """Whether a ``digits`` (start, days) pair belongs to the test split: a fixed quarter of the pairs, never
+  both day counts of one start next to each other (consecutive ``days`` fall in different residues)."""
+  return (start // 10 + start + days) % 4 == 0
 
 
 COUNTS = ("two", "three", "four", "five", "six", "seven", "eight")
@@ -181,28 +189,33 @@ TASKS = {"savings": savings_problem, "week": week_problem, "bag": bag_problem, "
 
 
 def problem(r: random.Random, min_steps: int = 4, max_steps: int = 8, task: str = "savings",
-            amounts: tuple[int, int] = (2, 9), part: str = "any") -> dict:
+            amounts: tuple[int, int] = (2, 9), part: str = "any", unit: str = "start") -> dict:
   """One random problem of ``task`` with ``min_steps`` to ``max_steps`` steps (days).
 
   ``part`` ("any", "train" or "test"): tasks whose problems are few hold some out by construction (``digits``:
-  by start); the others ignore it and ``splits`` holds out by question.
+  by start, or with ``unit="chain"`` by (start, days) pair); the others ignore it and ``splits`` holds out by
+  question.
   """
   if task not in TASKS:
     raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
   if part not in ("any", "train", "test"):
     raise ValueError(f"part must be 'any', 'train' or 'test', got {part!r}")
+  if unit not in ("start", "chain"):
+    raise ValueError(f"unit must be 'start' or 'chain', got {unit!r}")
   if not 2 <= min_steps <= max_steps:
     raise ValueError(f"steps must satisfy 2 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
   if not 1 <= amounts[0] <= amounts[1]:
     raise ValueError(f"amounts must satisfy 1 <= low <= high, got {tuple(amounts)}")
+  if task == "digits":
+    return digits_problem(r, min_steps, max_steps, tuple(amounts), part, unit)
   return TASKS[task](r, min_steps, max_steps, tuple(amounts), part)
 
 
 def problems(n: int, seed: int, min_steps: int = 4, max_steps: int = 8, task: str = "savings",
-             amounts: tuple[int, int] = (2, 9), part: str = "any") -> list[dict]:
+             amounts: tuple[int, int] = (2, 9), part: str = "any", unit: str = "start") -> list[dict]:
   """``n`` problems, the same for the same arguments."""
   r = random.Random(seed)
-  return [problem(r, min_steps, max_steps, task, amounts, part) for _ in range(n)]
+  return [problem(r, min_steps, max_steps, task, amounts, part, unit) for _ in range(n)]
 
 
 def splits(n_train: int, n_test: int, seed: int, min_steps: int = 4, max_steps: int = 8, task: str = "savings",
@@ -211,17 +224,21 @@ def splits(n_train: int, n_test: int, seed: int, min_steps: int = 4, max_steps: 
 
   ``hold_out="question"`` holds out questions only: with few distinct chains (``digits`` has about a hundred)
   the test chains also occur in training under other names and items, so accuracy then measures decoding,
-  not generalisation. ``hold_out="start"`` (``digits`` only) also keeps every test start out of training.
+  not generalisation. ``hold_out="start"`` (``digits`` only) also keeps every test start out of training;
+  ``hold_out="chain"`` (``digits`` only) every test (start, days) pair: a test chain's steps are all steps
+  seen in training (its start's other day count, the same totals in other chains), but its final number was
+  never seen after its question, so it must be reached through the steps.
   """
-  if hold_out not in ("question", "start") or (hold_out == "start" and task != "digits"):
-    raise ValueError(f"hold_out must be 'question' (any task) or 'start' (task 'digits'), got {hold_out!r} for "
-                     f"task {task!r}")
-  part = "train" if hold_out == "start" else "any"
-  train = problems(n_train, seed, min_steps, max_steps, task, amounts, part)
+  if hold_out not in ("question", "start", "chain") or (hold_out != "question" and task != "digits"):
+    raise ValueError(f"hold_out must be 'question' (any task), 'start' or 'chain' (task 'digits'), got "
+                     f"{hold_out!r} for task {task!r}")
+  part = "any" if hold_out == "question" else "train"
+  unit = "chain" if hold_out == "chain" else "start"
+  train = problems(n_train, seed, min_steps, max_steps, task, amounts, part, unit)
   seen = {p["question"] for p in train}
   test, r = [], random.Random(seed + 1_000_003)
   while len(test) < n_test:
-    p = problem(r, min_steps, max_steps, task, amounts, "test" if part == "train" else "any")
+    p = problem(r, min_steps, max_steps, task, amounts, "test" if part == "train" else "any", unit)
     if p["question"] not in seen:
       seen.add(p["question"])
       test.append(dict(p, id=len(test)))
