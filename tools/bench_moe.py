@@ -45,6 +45,7 @@ SWEEP_N = (64, 128, 256)  # output tile widths tried by --sweep (each setting co
 SWEEP_K = (64, 128)  # contraction chunks
 SWEEP_WARPS = (4, 8)
 SWEEP_STAGES = (3, 4)
+SWEEP_INT8 = ("convert", "fp16")  # int8 experts only: how the int8 tiles become MMA operands (Tiles.int8)
 
 
 def tiny_config(**numerics):
@@ -98,8 +99,10 @@ def sweep_kernels(x, idx, weights, touched, bw, timing, block_rows=16, top=5):
   for name, (make, arg, nbytes, n_dim, k_dim) in kernels.items():
     results = []
     want = None
-    settings = {moe_pallas.Tiles(n=min(n, n_dim), k=min(k, k_dim), num_warps=warps, num_stages=stages)
-                for n, k, warps, stages in itertools.product(SWEEP_N, SWEEP_K, SWEEP_WARPS, SWEEP_STAGES)}
+    int8_modes = SWEEP_INT8 if quant.is_quantized(w_gate) else ("convert",)
+    settings = {moe_pallas.Tiles(n=min(n, n_dim), k=min(k, k_dim), num_warps=warps, num_stages=stages, int8=mode)
+                for n, k, warps, stages, mode in itertools.product(SWEEP_N, SWEEP_K, SWEEP_WARPS, SWEEP_STAGES,
+                                                                   int8_modes)}
     for tiles in sorted(settings, key=dataclasses.astuple):
       f = make(tiles)
       try:
@@ -112,6 +115,7 @@ def sweep_kernels(x, idx, weights, touched, bw, timing, block_rows=16, top=5):
         print(f"  {name} {tiles}: failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
         continue
       results.append((sec, tiles, err))
+      print(f"  {name} {tiles}: {sec * 1e3:.3f} ms  err {err:.1e}", flush=True)  # as it goes: a cut run keeps them
     results.sort(key=lambda r: r[0])
     ideal = nbytes / bw
     if not results:
