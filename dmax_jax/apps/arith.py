@@ -22,8 +22,10 @@ each line adds one not added yet::
   {"question": "Mia has 26 shells. On three walks she finds 9, 8 and 6 more. How many shells does Mia have now?",
    "answer": "<<26+8=34>>34\n<<34+6=40>>40\n<<9+40=49>>49\n#### 49"}
 
-``digits``: each day adds the ones digit of the running total, so no closed
-form of the prompt gives the final number::
+``digits``: each day adds the ones digit of the running total. The steps
+chain, but the ones digits alone run a fixed cycle (d -> 2d mod 10), so the
+final number is the start plus a sum fixed by the start's ones digit and the
+number of days: a closed form a model can learn (BENCHMARKS.md)::
 
   {"question": "Mia has 59 pens. Each day she finds as many more as the ones digit of the number she has. How
                 many pens does Mia have after 3 days?",
@@ -126,8 +128,9 @@ def digits_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tu
                    part: str = "any", unit: str = "start") -> dict:
   """One ``digits`` problem: {"question", "answer"} (one step per day, then ``#### n``).
 
-  Each day adds the ones digit of the running total, so every step needs the previous step's result and no
-  closed form of the prompt gives the last one. ``amounts`` bounds the start's ones digit (inclusive); starts
+  Each day adds the ones digit of the running total, so every step is written from the previous step's result;
+  the final number, though, is the start plus the sum of a fixed cycle of ones digits (d -> 2d mod 10), set by
+  the start's ones digit and the number of days. ``amounts`` bounds the start's ones digit (inclusive); starts
   whose chain would reach a ones digit of 0 (a step adding nothing) or pass 99 are drawn again. There are only
   about fifty starts: with ``unit="start"``, ``part="test"`` draws from the quarter of them that
   ``heldout_start`` picks and ``part="train"`` from the rest (``splits(hold_out="start")``: no test start is
