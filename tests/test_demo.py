@@ -106,6 +106,21 @@ def test_digits_adds_the_ones_digit_of_the_running_total_each_day():
     assert lines[-1] == f"#### {total}" and gsm8k.strictly_correct(p["answer"], str(total))
 
 
+def test_tens_adds_the_tens_digit_of_the_running_total_each_day():
+  for p in arith.problems(400, 0, 4, 5, task="tens"):
+    start, days = map(int, re.fullmatch(
+        r"\w+ has (\d+) \w+s\. Each day (?:he|she) \w+ as many more as the tens digit of the number (?:he|she) has\. "
+        r"How many \w+s does \w+ have after (\d+) days\?", p["question"]).groups())
+    lines, total = p["answer"].split("\n"), start
+    assert 20 <= start <= 150 and 4 <= days <= 5 and len(lines) == days + 1
+    for day, line in enumerate(lines[:-1], 1):
+      k, a, b, c, shown = map(int, re.fullmatch(r"Day (\d+): <<(\d+)\+(\d+)=(\d+)>>(\d+)", line).groups())
+      tens = (total - 100 * (total // 100)) // 10
+      assert k == day and tens > 0 and (a, b) in ((total, tens), (tens, total)) and a + b == c == shown <= 199
+      total = c
+    assert lines[-1] == f"#### {total}" and gsm8k.strictly_correct(p["answer"], str(total))
+
+
 @pytest.mark.parametrize("kwargs, match", [(dict(task="months"), "task must be one of"),
                                             (dict(min_steps=1), "2 <= min_steps"),
                                             (dict(task="week", max_steps=8), "at most 7 days"),
@@ -328,7 +343,7 @@ def _run_demo(workdir, *flags):
 def test_run_demo_bad_task_is_one_line_and_writes_nothing(tmp_path):
   r = _run_demo(tmp_path / "w", "--config.data.task=months")
   assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
-      "error: config.data: task must be one of ['bag', 'digits', 'savings', 'week'], got 'months'"), r.stderr[-2000:]
+      "error: config.data: task must be one of ['bag', 'digits', 'savings', 'tens', 'week'], got 'months'"), r.stderr[-2000:]
   assert "Traceback" not in r.stderr and not (tmp_path / "w").exists()
 
 

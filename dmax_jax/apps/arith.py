@@ -1,9 +1,9 @@
 """Generated arithmetic word problems in GSM8K's format (the demo's tasks): chains of running totals.
 
-Four tasks, each worked line by line with ``<<expr=value>>`` annotations and a
+Five tasks, each worked line by line with ``<<expr=value>>`` annotations and a
 final ``#### n`` line, every line carrying the previous line's result:
 
-``savings`` (the demo's default): someone starts with a number of things and
+``savings``: someone starts with a number of things and
 gains the same amount every day, for 4 to 8 days::
 
   {"question": "Mia has 75 pens. Each day she gets 6 more. How many pens does Mia have after 4 days?",
@@ -30,6 +30,14 @@ number of days: a closed form a model can learn (BENCHMARKS.md)::
   {"question": "Mia has 59 pens. Each day she finds as many more as the ones digit of the number she has. How
                 many pens does Mia have after 3 days?",
    "answer": "Day 1: <<59+9=68>>68\nDay 2: <<8+68=76>>76\nDay 3: <<76+6=82>>82\n#### 82"}
+
+``tens`` (the CPU demo's task): each day adds the tens digit of the running
+total, which depends on every carry before it, so no cycle gives the final
+number::
+
+  {"question": "Sam has 48 toys. Each day he buys as many more as the tens digit of the number he has. How many
+                toys does Sam have after 3 days?",
+   "answer": "Day 1: <<4+48=52>>52\nDay 2: <<52+5=57>>57\nDay 3: <<5+57=62>>62\n#### 62"}
 
 Properties that make decoding many tokens at once hard, as on natural GSM8K:
 
@@ -147,14 +155,45 @@ def digits_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tu
     held = heldout_start(start) if unit == "start" else heldout_chain(start, days)
     if chain[-1] <= 99 and all(x % 10 for x in chain) and part in ("any", ("train", "test")[held]):
       break
+  return _digit_chain(r, name, pron, item, chain, "ones")
+
+
+_DIGITS = {"ones": lambda n: n % 10, "tens": lambda n: n // 10 % 10}
+
+
+def _digit_chain(r: random.Random, name: str, pron: str, item: str, chain: list[int], which: str) -> dict:
+  """The problem of ``chain`` (start, then each total): one ``Day k`` step per day adding the ``which`` digit
+  of the total (operands in either order, both right), then ``#### n``."""
+  digit = _DIGITS[which]
   steps = []
   for day, (total, nxt) in enumerate(zip(chain, chain[1:]), 1):
-    d = total % 10
+    d = digit(total)
     x, y = (total, d) if r.random() < 0.5 else (d, total)  # either order: both are right
     steps.append(f"Day {day}: <<{x}+{y}={nxt}>>{nxt}")
-  question = (f"{name} has {start} {item}s. Each day {pron} {r.choice(GAIN)} as many more as the ones digit of "
-              f"the number {pron} has. How many {item}s does {name} have after {days} days?")
+  question = (f"{name} has {chain[0]} {item}s. Each day {pron} {r.choice(GAIN)} as many more as the {which} digit "
+              f"of the number {pron} has. How many {item}s does {name} have after {len(chain) - 1} days?")
   return {"question": question, "answer": "\n".join(steps) + f"\n#### {chain[-1]}"}
+
+
+def tens_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple[int, int],
+                 part: str = "any") -> dict:
+  """One ``tens`` problem: each day adds the tens digit of the running total (``amounts`` and ``part`` unused).
+
+  Starts are 20-150 and totals stay within 199 with a nonzero tens digit (else the start is drawn again): about
+  180 chains. Unlike ``digits`` no cycle gives the final number: the tens digit a day adds depends on every
+  carry before it.
+  """
+  del amounts, part
+  name, pron = r.choice(NAMES)
+  item = r.choice(ITEMS)
+  days = r.randint(min_steps, max_steps)
+  while True:
+    chain = [r.randint(20, 150)]
+    for _ in range(days):
+      chain.append(chain[-1] + _DIGITS["tens"](chain[-1]))
+    if chain[-1] <= 199 and all(_DIGITS["tens"](x) for x in chain):
+      break
+  return _digit_chain(r, name, pron, item, chain, "tens")
 
 
 def heldout_start(start: int) -> bool:
@@ -188,7 +227,8 @@ def bag_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple
   return {"question": question, "answer": _running_sum(r, start, [("", a) for a in order])}
 
 
-TASKS = {"savings": savings_problem, "week": week_problem, "bag": bag_problem, "digits": digits_problem}
+TASKS = {"savings": savings_problem, "week": week_problem, "bag": bag_problem, "digits": digits_problem,
+         "tens": tens_problem}
 
 
 def problem(r: random.Random, min_steps: int = 4, max_steps: int = 8, task: str = "savings",
