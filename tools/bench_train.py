@@ -144,7 +144,6 @@ def bench_attention(args, cfg, block_length):
   tokamax = moe.tokamax_module()
   if tokamax is not None:
     impls["tokamax (mask)"] = lambda q, kk, v: tokamax.dot_product_attention(q, kk, v, mask=mask[:, None])
-    impls["tokamax (mask + key spans: model.attend)"] = lambda q, kk, v: model.attend(q, kk, v, mask, "tokamax")
   out = {}
   want = None
   for name, fn in impls.items():

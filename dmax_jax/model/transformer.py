@@ -102,7 +102,7 @@ def attend(q_BLHR, k_BSGR, v_BSGR, mask_BLS, implementation: str = "xla"):
     return jax.nn.dot_product_attention(q_BLHR, k_BSGR, v_BSGR, mask=mask_BLS[:, None], implementation="cudnn")
   tokamax = moe.tokamax_module() if implementation == "tokamax" and fused else None
   if tokamax is not None:
-    return _tokamax_attention(tokamax, q_BLHR, k_BSGR, v_BSGR, mask_BLS)
+    return tokamax.dot_product_attention(q_BLHR, k_BSGR, v_BSGR, mask=mask_BLS[:, None])
   B, L, H, R = q_BLHR.shape
   G = k_BSGR.shape[2]
   q = q_BLHR.reshape(B, L, G, H // G, R)
@@ -112,40 +112,6 @@ def attend(q_BLHR, k_BSGR, v_BSGR, mask_BLS, implementation: str = "xla"):
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BSGR.dtype)
   out = jnp.einsum("bgqls,bsgr->blgqr", probs, v_BSGR)
   return out.reshape(B, L, H, R)
-
-
-def key_ranges(mask_BLS):
-  """(start [L], end [L]) int32: for each query, the span ``[start, end)`` of keys that some row of the batch
-  may attend (the whole ``[0, S)`` for a query that may attend none).
-
-  A flash-attention kernel given these skips the key blocks outside each query block's span; the boolean
-  mask still decides within it. Under the ``[x_t ; x_0]`` mask a noisy query of block b spans ``[bK, L + bK)``
-  (its own block, then the clean prefix) and a clean one ``[L, L + (b + 1) K)``: half the keys or fewer.
-  """
-  S = mask_BLS.shape[-1]
-  idx = jnp.arange(S, dtype=jnp.int32)
-  start = jnp.min(jnp.where(mask_BLS, idx, S), axis=(0, 2))
-  end = jnp.max(jnp.where(mask_BLS, idx + 1, 0), axis=(0, 2))
-  empty = end == 0
-  return jnp.where(empty, 0, start), jnp.where(empty, S, end)
-
-
-def _tokamax_attention(tokamax, q_BLHR, k_BSGR, v_BSGR, mask_BLS):
-  """tokamax's flash attention under ``mask_BLS``, told each query's key span (``key_ranges``) so that its
-  Mosaic GPU kernel skips the key blocks the mask empties; through the public API (no skipping) where the
-  kernel's mask class cannot be imported."""
-  try:
-    # pylint: disable=import-outside-toplevel
-    from tokamax._src.ops.attention import base as attention_base
-    from tokamax.ops.gpu import PallasMosaicFlashAttention
-  except ImportError:
-    return tokamax.dot_product_attention(q_BLHR, k_BSGR, v_BSGR, mask=mask_BLS[:, None])
-  start, end = key_ranges(mask_BLS)
-  mask = attention_base.Mask(mask_BLS[:, None], k_start=start[None], k_end=end[None])
-  try:
-    return PallasMosaicFlashAttention()(q_BLHR, k_BSGR, v_BSGR, mask=mask)
-  except NotImplementedError:  # a GPU the Mosaic kernel does not support: tokamax picks another
-    return tokamax.dot_product_attention(q_BLHR, k_BSGR, v_BSGR, mask=mask_BLS[:, None])
 
 
 def _index(*idx):
