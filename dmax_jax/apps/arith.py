@@ -151,7 +151,7 @@ def digits_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tu
     start = 10 * r.randint(1, 8) + r.randint(max(1, amounts[0]), min(9, amounts[1]))
     chain = [start]
     for _ in range(days):
-      chain.append(chain[-1] + chain[-1] % 10)
+      chain.append(chain[-1] + _DIGITS["ones"](chain[-1]))
     held = heldout_start(start) if unit == "start" else heldout_chain(start, days)
     if chain[-1] <= 99 and all(x % 10 for x in chain) and part in ("any", ("train", "test")[held]):
       break

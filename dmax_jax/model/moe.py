@@ -216,11 +216,11 @@ def ragged_dot(x_MJ, w_EJN, group_sizes_E):
   if _MEMORY_STAND_IN[0]:
     return _stand_in_ragged_dot(x_MJ, w_EJN, group_sizes_E)
   tokamax = tokamax_module()
-  if tokamax is not None and grouped_matmul.applies(x_MJ, w_EJN):
+  if tokamax is None:
+    return jax.lax.ragged_dot(x_MJ, w_EJN, group_sizes_E)
+  if grouped_matmul.applies(x_MJ, w_EJN):
     return grouped_matmul.ragged_dot(x_MJ, w_EJN, group_sizes_E)
-  if tokamax is not None:
-    return tokamax.ragged_dot(x_MJ, w_EJN, group_sizes_E)
-  return jax.lax.ragged_dot(x_MJ, w_EJN, group_sizes_E)
+  return tokamax.ragged_dot(x_MJ, w_EJN, group_sizes_E)
 
 
 def sort_by_expert(idx_TX, num_experts):

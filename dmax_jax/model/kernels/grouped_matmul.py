@@ -30,6 +30,8 @@ import jax.numpy as jnp
 
 # rows per expert from which the tuned launch settings apply (decoding sizes keep tokamax's heuristic)
 _TUNED_MIN_ROWS_PER_GROUP = 64
+# contraction width from which a product counts as wide (128-wide K steps, 4 stages, a persistent grid)
+_WIDE_K = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +79,7 @@ def applies(x_MJ, w_EJN) -> bool:
           and N % 64 == 0 and ready())
 
 
-def _tuned(rows: int, groups: int, k: int, persistent_from_k: int = 1024):
+def _tuned(rows: int, groups: int, k: int):
   """tokamax launch settings for a ``[rows, k] x [groups, k, n]`` product (None: tokamax's heuristic).
 
   Measured on an H200 at 262,144 rows over 256 experts (BENCHMARKS.md): 128-row tiles throughout; a wide
@@ -87,7 +89,7 @@ def _tuned(rows: int, groups: int, k: int, persistent_from_k: int = 1024):
   if rows < _TUNED_MIN_ROWS_PER_GROUP * groups:
     return None
   pmg = _modules()[0]
-  wide = k >= persistent_from_k
+  wide = k >= _WIDE_K
   return pmg.Config(block_m=128, block_n=64, block_k=128 if wide else 64, num_stages=4 if wide else 2, split_k=1,
                     persistent=wide, grid_minor_dim=pmg.common.MatmulDimension.M, grid_tile_width=1)
 
