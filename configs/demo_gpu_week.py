@@ -13,6 +13,8 @@ from configs import demo_gpu
 def get_config():
   c = demo_gpu.get_config()
   c.data.task = "week"  # dmax_jax.arith: a different amount each day, the days added in any order
+  c.data.listed_first = 0.0  # every order and operand order equally likely (demo_gpu's preferred forms are bag's)
+  c.data.total_first = 0.5
   c.data.max_steps = 7  # 4-7 days: answers of 60-102 tokens, two to four blocks of 32
   c.model.max_position_embeddings = 256  # prompt (<= 68 tokens) + gen_length 112, rounded up to blocks of 32
   c.max_seq_len = 176  # prompt <= 68 + answer <= 102 tokens + eos labels

@@ -91,6 +91,50 @@ def test_bag_adds_every_listed_amount_once_in_any_order_and_is_right():
   assert orders == {True, False}
 
 
+def _bag_lines(p):
+  """(listed amounts, [(added amount, whether the running total came first)]) of a ``bag`` problem."""
+  start, listed = re.fullmatch(r"\w+ has (\d+) \w+s\. On \w+ walks (?:he|she) \w+ ([\d, and]+) more\. "
+                               r"How many \w+s does \w+ have now\?", p["question"]).groups()
+  total, lines = int(start), []
+  for line in p["answer"].split("\n")[:-1]:
+    a, b, c = map(int, re.fullmatch(r"<<(\d+)\+(\d+)=(\d+)>>\d+", line).groups())
+    first = a == total and (b != total or a == b)
+    lines.append((b if first else a, first))
+    total = c
+  return [int(a) for a in re.findall(r"\d+", listed)], lines
+
+
+def test_bag_forms_follow_the_listed_order_and_total_first_as_often_as_asked():
+  # Always the listed order, the total first: one form only.
+  for p in arith.problems(200, 0, 4, 7, task="bag", forms=(1.0, 1.0)):
+    found, lines = _bag_lines(p)
+    assert [a for a, _ in lines] == found and all(first for _, first in lines)
+  # listed_first q: the first line adds the first listed amount with probability q + (1 - q) / n
+  # (n amounts, all different); total_first t: t of the sums start with the total (hand-computed, n = 4).
+  q, t = 0.5, 0.7
+  firsts, totals, sums = 0, 0, 0
+  ps = [p for p in arith.problems(6000, 1, 4, 4, task="bag", forms=(q, t)) if len(set(_bag_lines(p)[0])) == 4]
+  assert len(ps) > 2000
+  for p in ps:
+    found, lines = _bag_lines(p)
+    firsts += lines[0][0] == found[0]
+    totals += sum(first for _, first in lines)
+    sums += len(lines)
+  assert abs(firsts / len(ps) - (q + (1 - q) / 4)) < 0.03
+  # A sum whose amount equals the total reads the same both ways (counted as total first), so allow a little over t.
+  assert t - 0.03 < totals / sums < t + 0.05
+  # The defaults are uniform and leave the generated data as it was.
+  assert arith.problems(50, 2, task="bag", forms=(0.0, 0.5)) == arith.problems(50, 2, task="bag")
+
+
+def test_bag_forms_are_checked():
+  for forms in ((1.5, 0.5), (0.5, -0.1)):
+    with pytest.raises(ValueError, match="probabilities"):
+      arith.problems(1, 0, task="bag", forms=forms)
+  with pytest.raises(ValueError, match="need task 'bag'"):
+    arith.problems(1, 0, task="week", forms=(0.5, 0.7))
+
+
 def test_digits_adds_the_ones_digit_of_the_running_total_each_day():
   for p in arith.problems(400, 0, 4, 5, task="digits"):
     start, days = map(int, re.fullmatch(

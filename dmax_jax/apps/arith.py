@@ -72,12 +72,13 @@ GAIN = ("buys", "finds", "gets", "wins")
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 
 
-def _running_sum(r: random.Random, start: int, lines: list[tuple[str, int]]) -> str:
+def _running_sum(r: random.Random, start: int, lines: list[tuple[str, int]], total_first: float = 0.5) -> str:
   """The worked answer adding ``lines``' amounts to ``start`` in the order given: ``prefix<<a+b=c>>c`` lines, each
-  sum's operands in either order (both are right), then ``#### total``."""
+  sum's operands in either order (both are right; the running total first with probability ``total_first``), then
+  ``#### total``."""
   total, steps = start, []
   for prefix, a in lines:
-    x, y = (total, a) if r.random() < 0.5 else (a, total)
+    x, y = (total, a) if r.random() < total_first else (a, total)
     steps.append(f"{prefix}<<{x}+{y}={total + a}>>{total + a}")
     total += a
   return "\n".join(steps) + f"\n#### {total}"
@@ -211,11 +212,16 @@ COUNTS = ("two", "three", "four", "five", "six", "seven", "eight")
 
 
 def bag_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple[int, int],
-                part: str = "any") -> dict:
+                part: str = "any", listed_first: float = 0.0, total_first: float = 0.5) -> dict:
   """One ``bag`` problem: {"question", "answer"} (one line per amount, in any order, then ``#### n``).
 
   Like ``week`` without the names: the question lists the amounts and a line may add any of them not added
   yet, so choosing the next line is choosing an amount, and no amount has to be looked up by a name.
+
+  Every order is right, but the forms need not be equally common (as in natural text, where one phrasing
+  dominates): each line adds the next amount in the question's order with probability ``listed_first`` and
+  otherwise one of those left, drawn uniformly; each sum names the running total first with probability
+  ``total_first``. At 0.0 and 0.5 (the defaults) every order and both operand orders are equally likely.
   """
   if max_steps > 1 + len(COUNTS):
     raise ValueError(f"task 'bag' has at most {1 + len(COUNTS)} amounts, got max_steps={max_steps}")
@@ -223,8 +229,20 @@ def bag_problem(r: random.Random, min_steps: int, max_steps: int, amounts: tuple
   n = len(found)
   question = (f"{name} has {start} {item}s. On {COUNTS[n - 2]} walks {pron} {r.choice(GAIN)} "
               + ", ".join(map(str, found[:-1])) + f" and {found[-1]} more. How many {item}s does {name} have now?")
-  order = r.sample(found, n)  # the walks are independent: any order is right
-  return {"question": question, "answer": _running_sum(r, start, [("", a) for a in order])}
+  order = biased_order(r, found, listed_first)  # the walks are independent: any order is right
+  return {"question": question, "answer": _running_sum(r, start, [("", a) for a in order], total_first)}
+
+
+def biased_order(r: random.Random, items: list[int], listed_first: float) -> list[int]:
+  """A random order of ``items``: each next item is the first one left (in the listed order) with probability
+  ``listed_first``, else one drawn uniformly from those left (the first one included). 0.0: uniform."""
+  if listed_first == 0.0:
+    return r.sample(items, len(items))
+  left, order = list(items), []
+  while left:
+    i = 0 if r.random() < listed_first else r.randrange(len(left))
+    order.append(left.pop(i))
+  return order
 
 
 TASKS = {"savings": savings_problem, "week": week_problem, "bag": bag_problem, "digits": digits_problem,
@@ -232,12 +250,14 @@ TASKS = {"savings": savings_problem, "week": week_problem, "bag": bag_problem, "
 
 
 def problem(r: random.Random, min_steps: int = 4, max_steps: int = 8, task: str = "savings",
-            amounts: tuple[int, int] = (2, 9), part: str = "any", unit: str = "start") -> dict:
+            amounts: tuple[int, int] = (2, 9), part: str = "any", unit: str = "start",
+            forms: tuple[float, float] = (0.0, 0.5)) -> dict:
   """One random problem of ``task`` with ``min_steps`` to ``max_steps`` steps (days).
 
   ``part`` ("any", "train" or "test"): tasks whose problems are few hold some out by construction (``digits``:
   by start, or with ``unit="chain"`` by (start, days) pair); the others ignore it and ``splits`` holds out by
-  question.
+  question. ``forms`` (``bag`` only): (listed_first, total_first), how strongly one order of the lines and of
+  each sum's operands is preferred (``bag_problem``); (0.0, 0.5) prefers none.
   """
   if task not in TASKS:
     raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
@@ -249,20 +269,29 @@ def problem(r: random.Random, min_steps: int = 4, max_steps: int = 8, task: str 
     raise ValueError(f"steps must satisfy 2 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
   if not 1 <= amounts[0] <= amounts[1]:
     raise ValueError(f"amounts must satisfy 1 <= low <= high, got {tuple(amounts)}")
+  listed_first, total_first = forms
+  if not (0.0 <= listed_first <= 1.0 and 0.0 <= total_first <= 1.0):
+    raise ValueError(f"forms (listed_first, total_first) must be probabilities in [0, 1], got {tuple(forms)}")
+  if tuple(forms) != (0.0, 0.5) and task != "bag":
+    raise ValueError(f"forms other than (0.0, 0.5) need task 'bag', got {tuple(forms)} for task {task!r}")
   if task == "digits":
     return digits_problem(r, min_steps, max_steps, tuple(amounts), part, unit)
+  if task == "bag":
+    return bag_problem(r, min_steps, max_steps, tuple(amounts), part, listed_first, total_first)
   return TASKS[task](r, min_steps, max_steps, tuple(amounts), part)
 
 
 def problems(n: int, seed: int, min_steps: int = 4, max_steps: int = 8, task: str = "savings",
-             amounts: tuple[int, int] = (2, 9), part: str = "any", unit: str = "start") -> list[dict]:
+             amounts: tuple[int, int] = (2, 9), part: str = "any", unit: str = "start",
+             forms: tuple[float, float] = (0.0, 0.5)) -> list[dict]:
   """``n`` problems, the same for the same arguments."""
   r = random.Random(seed)
-  return [problem(r, min_steps, max_steps, task, amounts, part, unit) for _ in range(n)]
+  return [problem(r, min_steps, max_steps, task, amounts, part, unit, forms) for _ in range(n)]
 
 
 def splits(n_train: int, n_test: int, seed: int, min_steps: int = 4, max_steps: int = 8, task: str = "savings",
-           amounts: tuple[int, int] = (2, 9), hold_out: str = "question") -> tuple[list[dict], list[dict]]:
+           amounts: tuple[int, int] = (2, 9), hold_out: str = "question",
+           forms: tuple[float, float] = (0.0, 0.5)) -> tuple[list[dict], list[dict]]:
   """(train, test): the test problems drawn from another seed, none sharing a question with train.
 
   ``hold_out="question"`` holds out questions only: with few distinct chains (``digits`` has about a hundred)
@@ -277,11 +306,11 @@ def splits(n_train: int, n_test: int, seed: int, min_steps: int = 4, max_steps: 
                      f"{hold_out!r} for task {task!r}")
   part = "any" if hold_out == "question" else "train"
   unit = "chain" if hold_out == "chain" else "start"
-  train = problems(n_train, seed, min_steps, max_steps, task, amounts, part, unit)
+  train = problems(n_train, seed, min_steps, max_steps, task, amounts, part, unit, forms)
   seen = {p["question"] for p in train}
   test, r = [], random.Random(seed + 1_000_003)
   while len(test) < n_test:
-    p = problem(r, min_steps, max_steps, task, amounts, "test" if part == "train" else "any", unit)
+    p = problem(r, min_steps, max_steps, task, amounts, "test" if part == "train" else "any", unit, forms)
     if p["question"] not in seen:
       seen.add(p["question"])
       test.append(dict(p, id=len(test)))

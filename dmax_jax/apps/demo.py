@@ -73,9 +73,15 @@ def check_data(config) -> None:
   written."""
   d = config.data
   try:
-    arith.splits(1, 1, config.seed, d.min_steps, d.max_steps, d.task, d.amounts, d.hold_out)
+    arith.splits(1, 1, config.seed, d.min_steps, d.max_steps, d.task, d.amounts, d.hold_out, forms(config))
   except ValueError as e:
     raise DemoError(f"config.data: {e}") from None
+
+
+def forms(config) -> tuple[float, float]:
+  """``config.data``'s (listed_first, total_first) (``arith.bag_problem``); configs without them prefer no form."""
+  d = config.data
+  return float(d.get("listed_first", 0.0)), float(d.get("total_first", 0.5))
 
 
 def make_data(config, workdir: str) -> tuple[str, str]:
@@ -85,7 +91,7 @@ def make_data(config, workdir: str) -> tuple[str, str]:
     d = config.data
     check_data(config)
     train, test = arith.splits(d.n_train, d.n_test, config.seed, d.min_steps, d.max_steps, d.task, d.amounts,
-                               d.hold_out)
+                               d.hold_out, forms(config))
     arith.write_jsonl(train, train_path)
     arith.write_jsonl(test, test_path)
   return train_path, test_path
