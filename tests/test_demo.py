@@ -1,5 +1,6 @@
 """The demo: generated problems checked by re-computation, and the whole pipeline at toy size."""
 
+import importlib
 import json
 import os
 import re
@@ -409,3 +410,10 @@ def test_distillation_that_decodes_nothing_says_why_and_writes_no_data(toy_run, 
     demo.distill(config, str(out), os.path.join(workdir, "base"), os.path.join(workdir, "data", "train.jsonl"),
                  progress=False)
   assert not (out / "distill" / "oput.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", ["demo_cpu", "demo_gpu", "demo_gpu_week"])
+def test_shipped_demo_configs_pass_their_checks(name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  demo.check_data(config)  # task, steps, amounts, hold-out and forms accepted
+  assert ("base", "threshold") in demo.eval_runs(config) and ("oput", "spd") in demo.eval_runs(config)
