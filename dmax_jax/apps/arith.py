@@ -16,8 +16,10 @@ independent, so the answer adds them in any order::
                 does Mia have now?",
    "answer": "Tuesday: <<26+8=34>>34\nWednesday: <<34+6=40>>40\nMonday: <<9+40=49>>49\n#### 49"}
 
-``bag``: ``week`` without the day names; the question lists the amounts and
-each line adds one not added yet::
+``bag`` (the GPU demo's task): ``week`` without the day names; the question
+lists the amounts and each line adds one not added yet (``forms`` can make one
+order, the listed one, and one operand order the most common, as one phrasing
+is in natural text, while every order stays right)::
 
   {"question": "Mia has 26 shells. On three walks she finds 9, 8 and 6 more. How many shells does Mia have now?",
    "answer": "<<26+8=34>>34\n<<34+6=40>>40\n<<9+40=49>>49\n#### 49"}
