@@ -177,6 +177,7 @@ def test_sharp_model_really_runs_in_float64(sharp, prompts):
   assert logits.dtype == jnp.float64
 
 
+@pytest.mark.slow  # ~20 s on 2 cores: the default suite stays under 10 minutes
 def test_float32_agrees_with_float64_within_rounding(sharp, prompts):
   """float32 decoding computes the same confidences as float64 up to float32 rounding.
 

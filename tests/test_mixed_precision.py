@@ -4,6 +4,7 @@ against float32 references."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import with_numerics
 from dmax_jax.model import params as params_lib
@@ -27,6 +28,7 @@ def test_compute_copy_casts_matmul_weights_only(tiny):
   assert {"embed", "router", "attn_norm", "lm_head", "w_gate"} <= set(names)
 
 
+@pytest.mark.slow  # ~20 s on 2 cores: the default suite stays under 10 minutes
 def test_gradients_through_the_copy_equal_the_master_weights(tiny):
   """d(loss) w.r.t. the bf16 copy, cast up, equals d(loss) w.r.t. the float32 master weights (bf16 compute)."""
   cfg, params = tiny

@@ -252,6 +252,7 @@ def test_fused_attention_gradients_close_to_xla_gpu(impl):
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2, name
 
 
+@pytest.mark.slow  # ~20 s on 2 cores: the default suite stays under 10 minutes
 def test_halves_mask_equals_the_whole_mask(tiny):
   """The [x_t ; x_0] attention as two halves (no clean-over-noisy quarter): the same hidden states and gradients."""
   from dmax_jax.training import diffusion  # pylint: disable=import-outside-toplevel

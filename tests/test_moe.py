@@ -94,6 +94,7 @@ _SPLIT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # ~20 s on 2 cores: the default suite stays under 10 minutes
 def test_split_over_the_mesh_equals_dense():
   """Experts split 8 ways (and 2 x tensor 2 x data 2, and fsdp 4 x 2): values and gradients equal dense."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
