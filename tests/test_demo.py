@@ -99,7 +99,7 @@ def _bag_lines(p):
   total, lines = int(start), []
   for line in p["answer"].split("\n")[:-1]:
     a, b, c = map(int, re.fullmatch(r"<<(\d+)\+(\d+)=(\d+)>>\d+", line).groups())
-    first = a == total and (b != total or a == b)
+    first = a == total  # (amount == total reads the same both ways: counted as total first)
     lines.append((b if first else a, first))
     total = c
   return [int(a) for a in re.findall(r"\d+", listed)], lines
@@ -125,6 +125,7 @@ def test_bag_forms_follow_the_listed_order_and_total_first_as_often_as_asked():
   # A sum whose amount equals the total reads the same both ways (counted as total first), so allow a little over t.
   assert t - 0.03 < totals / sums < t + 0.05
   # The defaults are uniform and leave the generated data as it was.
+  assert arith.UNIFORM_FORMS == (0.0, 0.5)
   assert arith.problems(50, 2, task="bag", forms=(0.0, 0.5)) == arith.problems(50, 2, task="bag")
 
 

@@ -250,16 +250,18 @@ def biased_order(r: random.Random, items: list[int], listed_first: float) -> lis
 TASKS = {"savings": savings_problem, "week": week_problem, "bag": bag_problem, "digits": digits_problem,
          "tens": tens_problem}
 
+UNIFORM_FORMS = (0.0, 0.5)  # (listed_first, total_first) that prefer no order: every task's data as generated before
+
 
 def problem(r: random.Random, min_steps: int = 4, max_steps: int = 8, task: str = "savings",
             amounts: tuple[int, int] = (2, 9), part: str = "any", unit: str = "start",
-            forms: tuple[float, float] = (0.0, 0.5)) -> dict:
+            forms: tuple[float, float] = UNIFORM_FORMS) -> dict:
   """One random problem of ``task`` with ``min_steps`` to ``max_steps`` steps (days).
 
   ``part`` ("any", "train" or "test"): tasks whose problems are few hold some out by construction (``digits``:
   by start, or with ``unit="chain"`` by (start, days) pair); the others ignore it and ``splits`` holds out by
   question. ``forms`` (``bag`` only): (listed_first, total_first), how strongly one order of the lines and of
-  each sum's operands is preferred (``bag_problem``); (0.0, 0.5) prefers none.
+  each sum's operands is preferred (``bag_problem``); ``UNIFORM_FORMS`` prefers none.
   """
   if task not in TASKS:
     raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
@@ -274,18 +276,15 @@ def problem(r: random.Random, min_steps: int = 4, max_steps: int = 8, task: str 
   listed_first, total_first = forms
   if not (0.0 <= listed_first <= 1.0 and 0.0 <= total_first <= 1.0):
     raise ValueError(f"forms (listed_first, total_first) must be probabilities in [0, 1], got {tuple(forms)}")
-  if tuple(forms) != (0.0, 0.5) and task != "bag":
-    raise ValueError(f"forms other than (0.0, 0.5) need task 'bag', got {tuple(forms)} for task {task!r}")
-  if task == "digits":
-    return digits_problem(r, min_steps, max_steps, tuple(amounts), part, unit)
-  if task == "bag":
-    return bag_problem(r, min_steps, max_steps, tuple(amounts), part, listed_first, total_first)
-  return TASKS[task](r, min_steps, max_steps, tuple(amounts), part)
+  if tuple(forms) != UNIFORM_FORMS and task != "bag":
+    raise ValueError(f"forms other than {UNIFORM_FORMS} need task 'bag', got {tuple(forms)} for task {task!r}")
+  extra = {"digits": dict(unit=unit), "bag": dict(listed_first=listed_first, total_first=total_first)}
+  return TASKS[task](r, min_steps, max_steps, tuple(amounts), part, **extra.get(task, {}))
 
 
 def problems(n: int, seed: int, min_steps: int = 4, max_steps: int = 8, task: str = "savings",
              amounts: tuple[int, int] = (2, 9), part: str = "any", unit: str = "start",
-             forms: tuple[float, float] = (0.0, 0.5)) -> list[dict]:
+             forms: tuple[float, float] = UNIFORM_FORMS) -> list[dict]:
   """``n`` problems, the same for the same arguments."""
   r = random.Random(seed)
   return [problem(r, min_steps, max_steps, task, amounts, part, unit, forms) for _ in range(n)]
@@ -293,7 +292,7 @@ def problems(n: int, seed: int, min_steps: int = 4, max_steps: int = 8, task: st
 
 def splits(n_train: int, n_test: int, seed: int, min_steps: int = 4, max_steps: int = 8, task: str = "savings",
            amounts: tuple[int, int] = (2, 9), hold_out: str = "question",
-           forms: tuple[float, float] = (0.0, 0.5)) -> tuple[list[dict], list[dict]]:
+           forms: tuple[float, float] = UNIFORM_FORMS) -> tuple[list[dict], list[dict]]:
   """(train, test): the test problems drawn from another seed, none sharing a question with train.
 
   ``hold_out="question"`` holds out questions only: with few distinct chains (``digits`` has about a hundred)

@@ -80,8 +80,8 @@ def check_data(config) -> None:
 
 def forms(config) -> tuple[float, float]:
   """``config.data``'s (listed_first, total_first) (``arith.bag_problem``); configs without them prefer no form."""
-  d = config.data
-  return float(d.get("listed_first", 0.0)), float(d.get("total_first", 0.5))
+  d, (listed, total) = config.data, arith.UNIFORM_FORMS
+  return float(d.get("listed_first", listed)), float(d.get("total_first", total))
 
 
 def make_data(config, workdir: str) -> tuple[str, str]:
