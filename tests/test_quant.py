@@ -1,7 +1,5 @@
 """int8 weight-only experts: quantize/dequantize, the kernels and fallbacks, checkpoints, decoding, logits' error."""
 
-import dataclasses
-import functools
 import json
 import os
 import subprocess
@@ -245,41 +243,11 @@ def test_decode_cli_and_evaluate_take_an_int8_checkpoint(int8_ckpt, tmp_path):
                         "--strategies", "spd", "--thresholds", "0.5", *gen]) == 0
 
 
-def test_int8_to_fp16_is_exact():
-  """Every int8 value comes back exactly through the integer-add construction; activations beyond fp16's range
-  clip to its largest finite value instead of becoming inf."""
-  w = jnp.arange(-128, 128, dtype=jnp.int8)
-  got = moe_pallas.int8_to_fp16(w)
-  assert got.dtype == jnp.float16
-  np.testing.assert_array_equal(np.float32(got), np.arange(-128, 128))
-  np.testing.assert_array_equal(np.float32(moe_pallas.clip_to_fp16(jnp.array([1e6, -1e6, 3.5], jnp.bfloat16))),
-                                [65504, -65504, 3.5])
-
-
-@pytest.mark.parametrize("group", [None, 16])
-def test_pallas_int8_fp16_operands_close_to_float_reference(group):
-  """Tiles(int8="fp16"), bf16 activations: within bf16 rounding of the dequantized weights' function in float32,
-  and as close to it as the default conversion."""
-  x, idx, w, ws = _experts(seed=2)
-  q = [quant.quantize(a, group) for a in ws]
-  xb = x.astype(jnp.bfloat16)
-  truth = moe.experts_dense(xb.astype(jnp.float32), idx, w, *(quant.dequantize(a) for a in q))
-  fp16 = moe_pallas.Tiles(int8="fp16")
-  got = moe_pallas.experts_pallas(xb, idx, w, *q, interpret=True, gate_up_tiles=fp16, down_tiles=fp16)
-  default = moe_pallas.experts_pallas(xb, idx, w, *q, interpret=True)
-  assert got.dtype == jnp.bfloat16
-  assert _rel(got, truth) < 1e-2 and _rel(got, truth) < 2 * _rel(default, truth) + 1e-3
-  with pytest.raises(ValueError, match="Tiles.int8"):
-    moe_pallas.experts_pallas(xb, idx, w, *q, interpret=True, gate_up_tiles=moe_pallas.Tiles(int8="int4"))
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("int8", ["convert", "fp16"])
 @pytest.mark.parametrize("group", [None, 128])
 @pytest.mark.parametrize("T", [32, 256])
-def test_pallas_int8_mini_shapes_gpu(T, group, int8):
-  """LLaDA-2.0-mini expert shapes, bf16 activations, int8 experts, compiled (both ways of making the int8
-  tiles MMA operands): against dequantize-then-bf16."""
+def test_pallas_int8_mini_shapes_gpu(T, group):
+  """LLaDA-2.0-mini expert shapes, bf16 activations, int8 experts, compiled: against dequantize-then-bf16."""
   E, X, D, F = 256, 8, 2048, 512
   kx, ki, kw, kp = jax.random.split(jax.random.key(T), 4)
   x = jax.random.normal(kx, (T, D), jnp.bfloat16)
@@ -289,16 +257,12 @@ def test_pallas_int8_mini_shapes_gpu(T, group, int8):
   ws = (jax.random.normal(k1, (E, D, F)) / np.sqrt(D), jax.random.normal(k2, (E, D, F)) / np.sqrt(D),
         jax.random.normal(k3, (E, F, D)) / np.sqrt(F))
   q = [quant.quantize(a, group) for a in ws]
-  tiles = moe_pallas.Tiles(int8=int8)
-  got = jax.jit(functools.partial(moe_pallas.experts_pallas, gate_up_tiles=tiles, down_tiles=tiles))(x, idx, w, *q)
+  got = jax.jit(moe_pallas.experts_pallas)(x, idx, w, *q)
   want = jax.jit(moe.experts_dense)(x, idx, w, *(quant.dequantize(a, jnp.bfloat16) for a in q))
   assert got.dtype == jnp.bfloat16 and np.isfinite(np.float32(got)).all()
   assert _rel(got, want) < 1e-2
   shared = [jax.tree.map(lambda a: a[0], a) for a in q]
-  shared_tiles = (dataclasses.replace(moe_pallas.SHARED_GATE_UP_TILES, int8=int8),
-                  dataclasses.replace(moe_pallas.SHARED_DOWN_TILES, int8=int8))
-  got_s = jax.jit(functools.partial(moe_pallas.shared_expert_pallas, gate_up_tiles=shared_tiles[0],
-                                    down_tiles=shared_tiles[1]))(x, *shared)
+  got_s = jax.jit(moe_pallas.shared_expert_pallas)(x, *shared)
   dg, du, dd = (quant.dequantize(a, jnp.bfloat16) for a in shared)
   want_s = (jax.nn.silu(x @ dg) * (x @ du)) @ dd
   assert _rel(got_s, want_s) < 1e-2

@@ -5,6 +5,7 @@
   python tools/bench_decode.py --backends pallas,grouped --batches 1,8 --json OUT.json
   python tools/bench_decode.py --mesh expert=8            # weights split over 8 GPUs (expert-parallel MoE)
   python tools/bench_decode.py --weights bf16,int8 --routing uniform   # int8 experts beside bf16
+  python tools/bench_decode.py --attention xla,cudnn,tokamax           # attention implementations side by side
 
 Reports median / min / max over rounds of:
   prefill   one 512-token forward that fills the KV cache (batch 1);
@@ -46,6 +47,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from dmax_jax.model import presets  # pylint: disable=wrong-import-position
+from dmax_jax.model.config import ATTENTIONS  # pylint: disable=wrong-import-position
 from dmax_jax import decoding, sharding  # pylint: disable=wrong-import-position
 from dmax_jax.model import transformer as model  # pylint: disable=wrong-import-position
 from dmax_jax.model import params as params_lib, quant  # pylint: disable=wrong-import-position
@@ -198,6 +200,8 @@ def main(argv=None):
   ap.add_argument("--json", default=None)
   ap.add_argument("--mesh", default="", help="split the weights over a device mesh, e.g. expert=8 or expert=4,tensor=2")
   ap.add_argument("--weights", default="bf16", help="comma separated: bf16 and/or int8 (weight-only int8 experts)")
+  ap.add_argument("--attention", default="xla",
+                  help="comma separated attention implementations to time (ModelConfig.attention: xla, cudnn, tokamax)")
   ap.add_argument("--group-size", type=int, default=None,
                   help="int8: one scale per this many rows of K (default: per output channel)")
   ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -215,6 +219,9 @@ def main(argv=None):
     ap.error(f"--weights: comma separated bf16 / int8, got {args.weights!r}")
   if args.mesh and "int8" in weight_kinds:
     ap.error("--weights int8 runs on one device (no --mesh)")
+  attentions = args.attention.split(",")
+  if not attentions or set(attentions) - set(ATTENTIONS):
+    ap.error(f"--attention: comma separated {', '.join(ATTENTIONS)}, got {args.attention!r}")
   mesh = None
   if args.mesh:
     try:
@@ -257,11 +264,13 @@ def main(argv=None):
         for batch in map(int, args.batches.split(",")):
           for weights in weight_kinds:
             print(f"\n{weights} weights:", end="")
-            profile_forward(with_routing(dataclasses.replace(cfg, moe_backend=args.backends.split(",")[0]), routing),
+            profile_forward(with_routing(dataclasses.replace(cfg, moe_backend=args.backends.split(",")[0],
+                                                               attention=attentions[0]), routing),
                             variants[weights], batch, S, K, routing, args.profile)
     rows = results["rows"]
-    for backend, weights in itertools.product(args.backends.split(","), weight_kinds):
-      c = dataclasses.replace(cfg, moe_backend=backend)
+    for backend, weights, attention in itertools.product(args.backends.split(","), weight_kinds, attentions):
+      c = dataclasses.replace(cfg, moe_backend=backend, attention=attention)
+      tag = dict(backend=backend, weights=weights, attention=attention)
       measured = {}  # (routing, batch, queries) -> (times, touched): the SPD comparison reuses forward rows
       params = variants[weights]
 
@@ -273,17 +282,22 @@ def main(argv=None):
 
       if not (args.only_spd or args.no_prefill):
         pre = bench_prefill(c, params, S, args.rounds)
-        rows.append(dict(what="prefill 512", backend=backend, weights=weights, routing="raw", batch=1, **stats(pre)))
+        rows.append(dict(what="prefill 512", **tag, routing="raw", batch=1, **stats(pre)))
       for routing in ([] if args.only_spd else args.routing.split(",")):
         for batch in map(int, args.batches.split(",")):
-          times, touched = forwards(routing, batch, K)
+          try:
+            times, touched = forwards(routing, batch, K)
+          except Exception as e:  # pylint: disable=broad-except  # one failing variant must not end the run
+            print(f"forward {backend} {weights} {attention} {routing} batch {batch}: failed: {type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:160]}", flush=True)
+            continue
           nbytes = forward_bytes(c, touched, batch, S, weights, args.group_size)
           limit = nbytes / bw
           st = stats(times)
-          rows.append(dict(what="forward 32/512", backend=backend, weights=weights, routing=routing, batch=batch, **st,
+          rows.append(dict(what="forward 32/512", **tag, routing=routing, batch=batch, **st,
                            experts_per_layer=float(np.mean(touched)), bytes=nbytes, limit=limit, ratio=st["median"] / limit,
                            implied_tok_s=5.47 * batch / st["median"]))
-          print(f"forward {backend} {weights} {routing} batch {batch}: {1e3 * st['median']:.3f} ms, "
+          print(f"forward {backend} {weights} {attention} {routing} batch {batch}: {1e3 * st['median']:.3f} ms, "
                 f"{rows[-1]['ratio']:.2f}x limit", flush=True)  # as it comes (a cut-off run keeps it)
       if not args.no_spd:
         # Uniform routing here, so the loop and the bare forwards it is compared with touch as many experts.
@@ -296,16 +310,17 @@ def main(argv=None):
         blocks = layout.num_blocks
         bare = (blocks * statistics.median(t64) + (n_fwd - blocks) * statistics.median(t32)) / n_fwd
         st = stats(times)
-        rows.append(dict(what="spd loop", backend=backend, weights=weights, routing="uniform", batch=1, **st, forwards=n_fwd,
+        rows.append(dict(what="spd loop", **tag, routing="uniform", batch=1, **st, forwards=n_fwd,
                          forwards_per_s=1 / st["median"], bare_forward=bare, overhead=st["median"] / bare - 1))
-  by_kind = {(r["what"], r["backend"], r["routing"], r["batch"]): r for r in rows if r["weights"] == "bf16"}
+  kind = lambda r: (r["what"], r["backend"], r["attention"], r["routing"], r["batch"])  # pylint: disable=unnecessary-lambda-assignment
+  by_kind = {kind(r): r for r in rows if r["weights"] == "bf16"}
   for r in rows:  # int8 rows: speed-up over the bf16 row of the same kind, when both ran
-    bf16 = by_kind.get((r["what"], r["backend"], r["routing"], r["batch"]))
+    bf16 = by_kind.get(kind(r))
     if r["weights"] != "bf16" and bf16 is not None:
       r["vs_bf16"] = bf16["median"] / r["median"]
 
   print()
-  print(f"{'what':16s} {'backend':8s} {'weights':7s} {'routing':8s} {'B':>2s} {'median ms':>10s} {'min':>8s} {'max':>8s} "
+  print(f"{'what':16s} {'backend':8s} {'weights':7s} {'attn':7s} {'routing':8s} {'B':>2s} {'median ms':>10s} {'min':>8s} {'max':>8s} "
         f"{'exp/layer':>9s} {'GB read':>8s} {'limit ms':>9s} {'ratio':>6s}  extra")
   for r in rows:
     extra = ""
@@ -315,7 +330,7 @@ def main(argv=None):
       extra = f"{r['forwards']} fwd, {r['forwards_per_s']:.1f} fwd/s, bare {1e3 * r['bare_forward']:.2f} ms, overhead {100 * r['overhead']:+.1f}%"
     if "vs_bf16" in r:
       extra = ", ".join(filter(None, [extra, f"{r['vs_bf16']:.2f}x bf16"]))
-    print(f"{r['what']:16s} {r['backend']:8s} {r['weights']:7s} {r['routing']:8s} {r['batch']:2d} {1e3 * r['median']:10.3f} "
+    print(f"{r['what']:16s} {r['backend']:8s} {r['weights']:7s} {r['attention']:7s} {r['routing']:8s} {r['batch']:2d} {1e3 * r['median']:10.3f} "
           f"{1e3 * r['min']:8.3f} {1e3 * r['max']:8.3f} "
           f"{r.get('experts_per_layer', float('nan')):9.1f} {r.get('bytes', float('nan')) / 1e9:8.3f} "
           f"{1e3 * r.get('limit', float('nan')):9.3f} {r.get('ratio', float('nan')):6.2f}  {extra}")

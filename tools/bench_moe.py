@@ -45,7 +45,6 @@ SWEEP_N = (64, 128, 256)  # output tile widths tried by --sweep (each setting co
 SWEEP_K = (64, 128)  # contraction chunks
 SWEEP_WARPS = (4, 8)
 SWEEP_STAGES = (3, 4)
-SWEEP_INT8 = ("convert", "fp16")  # int8 experts only: how the int8 tiles become MMA operands (Tiles.int8)
 
 
 def tiny_config(**numerics):
@@ -79,38 +78,42 @@ def expert_fn(backend, **pallas_kw):
   return lambda *a: moe_pallas.experts_pallas(*a, **pallas_kw)
 
 
-def sweep_kernels(x, idx, weights, touched, bw, timing, block_rows=16, top=5):
-  """Times each Pallas kernel alone over the ``Tiles`` grid; prints the ``top`` fastest of each."""
+def sweep_kernels(x, idx, weights, touched, bw, timing, block_rows=16, top=5, grid=None):
+  """Times each Pallas kernel alone over the ``Tiles`` grid; prints the ``top`` fastest of each.
+
+  ``grid``: {"n", "k", "warps", "stages"} -> the values to try (default the SWEEP_* constants).
+  """
+  grid = dict(dict(n=SWEEP_N, k=SWEEP_K, warps=SWEEP_WARPS, stages=SWEEP_STAGES), **(grid or {}))
   w_gate, w_up, w_down = weights
   E, D, F = w_gate.shape
   layout = jax.jit(lambda i: moe_pallas.block_layout(i, E, block_rows))(idx)
   h = jax.jit(lambda x: moe_pallas.grouped_swiglu(x, layout["src"], layout["expert"], layout["used"], w_gate, w_up,
                                                   block_rows=block_rows))(x)
+  # The weights are arguments, not closed-over constants: constants of this size make each compile take ~30 s.
+  src, expert, used = layout["src"], layout["expert"], layout["used"]
   kernels = {
-      "gate_up": (lambda t: jax.jit(lambda x: moe_pallas.grouped_swiglu(
-          x, layout["src"], layout["expert"], layout["used"], w_gate, w_up, block_rows=block_rows, tiles=t)), x,
+      "gate_up": (lambda t: jax.jit(lambda x, wg, wu: moe_pallas.grouped_swiglu(
+          x, src, expert, used, wg, wu, block_rows=block_rows, tiles=t)), (x, w_gate, w_up),
                   touched * (w_gate.nbytes + w_up.nbytes) // E, F, D),
-      "down": (lambda t: jax.jit(lambda h: moe_pallas.grouped_down(
-          h, layout["expert"], layout["used"], w_down, block_rows=block_rows, tiles=t)), h,
+      "down": (lambda t: jax.jit(lambda h, wd: moe_pallas.grouped_down(
+          h, expert, used, wd, block_rows=block_rows, tiles=t)), (h, w_down),
                touched * w_down.nbytes // E, D, F),
   }
   real = np.asarray(layout["src"]) < x.shape[0]  # rows past the used blocks are never written
   best = {}
-  for name, (make, arg, nbytes, n_dim, k_dim) in kernels.items():
+  for name, (make, args, nbytes, n_dim, k_dim) in kernels.items():
     results = []
     want = None
-    int8_modes = SWEEP_INT8 if quant.is_quantized(w_gate) else ("convert",)
-    settings = {moe_pallas.Tiles(n=min(n, n_dim), k=min(k, k_dim), num_warps=warps, num_stages=stages, int8=mode)
-                for n, k, warps, stages, mode in itertools.product(SWEEP_N, SWEEP_K, SWEEP_WARPS, SWEEP_STAGES,
-                                                                   int8_modes)}
+    settings = {moe_pallas.Tiles(n=min(n, n_dim), k=min(k, k_dim), num_warps=warps, num_stages=stages)
+                for n, k, warps, stages in itertools.product(grid["n"], grid["k"], grid["warps"], grid["stages"])}
     for tiles in sorted(settings, key=dataclasses.astuple):
       f = make(tiles)
       try:
-        out = f(arg)
+        out = f(*args)
         if want is None:
-          want = make(moe_pallas.Tiles())(arg)
+          want = make(moe_pallas.Tiles())(*args)
         err = rel_err(np.asarray(out)[real], np.asarray(want)[real])
-        sec = time_fn(f, (arg,), **timing)
+        sec = time_fn(f, args, **timing)
       except Exception as e:  # pylint: disable=broad-except  # one failing setting must not end the sweep
         print(f"  {name} {tiles}: failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
         continue
@@ -143,6 +146,11 @@ def main(argv=None):
   ap.add_argument("--rounds", type=int, default=None, help="timed rounds; the median is reported (default 15; tiny: 3)")
   ap.add_argument("--copy-mib", type=int, default=None, help="size of the bandwidth probe (default 4096; tiny: 16)")
   ap.add_argument("--sweep", action="store_true", help="also time the Pallas settings in SWEEP (routed only)")
+  ints = lambda text: tuple(int(v) for v in text.split(","))  # pylint: disable=unnecessary-lambda-assignment
+  ap.add_argument("--sweep-n", type=ints, default=SWEEP_N, help="--sweep: output tile widths, comma separated")
+  ap.add_argument("--sweep-k", type=ints, default=SWEEP_K, help="--sweep: contraction chunks")
+  ap.add_argument("--sweep-warps", type=ints, default=SWEEP_WARPS, help="--sweep: warps per program")
+  ap.add_argument("--sweep-stages", type=ints, default=SWEEP_STAGES, help="--sweep: pipeline stages")
   ap.add_argument("--int8", action="store_true", help="routed and shared experts weight-only int8 (quant.quantize)")
   ap.add_argument("--group-size", type=int, default=None, help="--int8: rows of K per scale (default: per channel)")
   args = ap.parse_args(argv)
@@ -181,7 +189,8 @@ def main(argv=None):
 
     runs = [(b, expert_fn(b)) for b in args.backends]
     if args.sweep:
-      best = sweep_kernels(x, idx, (p["w_gate"], p["w_up"], p["w_down"]), touched, bw, timing)
+      grid = dict(n=args.sweep_n, k=args.sweep_k, warps=args.sweep_warps, stages=args.sweep_stages)
+      best = sweep_kernels(x, idx, (p["w_gate"], p["w_up"], p["w_down"]), touched, bw, timing, grid=grid)
       runs.append(("pallas best tiles", expert_fn("pallas", gate_up_tiles=best["gate_up"], down_tiles=best["down"])))
     for name, fn in runs:
       f = jax.jit(fn)

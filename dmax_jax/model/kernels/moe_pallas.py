@@ -63,19 +63,13 @@ class Tiles:
   ``n``: upper bound on the output tile width; ``k``: upper bound on the
   contraction chunk (both rounded down to a power of two dividing the
   dimension); ``num_warps`` / ``num_stages``: Triton's warps per program and
-  software-pipelining depth. ``int8``: how int8 weight tiles become MMA
-  operands (bf16 / fp16 activations only): ``"convert"`` casts them to the
-  activations' dtype (int -> float conversions, a quarter-rate instruction);
-  ``"fp16"`` builds fp16 values from the bits with integer adds
-  (``int8_to_fp16``) and runs the product in fp16, the activations clipped to
-  fp16's range.
+  software-pipelining depth.
   """
 
   n: int = 128
   k: int = 128
   num_warps: int = 4
   num_stages: int = 3
-  int8: str = "convert"
 
 
 def _interpret(interpret) -> bool:
@@ -166,22 +160,6 @@ def block_layout(idx_TX, num_experts: int, block_rows: int, method: str | None =
   )
 
 
-# fp16 with exponent 10 has a mantissa step of 1: the bit pattern 0x6400 + u is exactly 1024 + u for u < 1024
-_FP16_1024 = 0x6400
-
-
-def int8_to_fp16(w):
-  """int8 -> fp16 exactly, by integer adds: the bits ``0x6400 + 128 + w`` are the fp16 ``1152 + w``."""
-  bits = w.astype(jnp.int16) + jnp.int16(_FP16_1024 + 128)
-  return jax.lax.bitcast_convert_type(bits, jnp.float16) - jnp.float16(1024 + 128)
-
-
-def clip_to_fp16(x):
-  """``x`` in fp16, clipped to fp16's finite range (values beyond it would become inf)."""
-  big = float(jnp.finfo(jnp.float16).max)
-  return jnp.clip(x.astype(jnp.float32), -big, big).astype(jnp.float16)
-
-
 def _unpack_refs(refs, num_weights, gather, group):
   """(src or None, rows, weights, scales or Nones, out) from the kernel's positional refs."""
   src_ref, refs = (refs[0], refs[1:]) if gather else (None, refs)
@@ -189,7 +167,7 @@ def _unpack_refs(refs, num_weights, gather, group):
   return src_ref, rows_ref, w_refs, refs[1 + num_weights:-1] if group else (None,) * num_weights, out_ref
 
 
-def _row_block_kernel(expert_ref, used_ref, *refs, bk, num_weights, gather, group=None, int8_fp16=False):
+def _row_block_kernel(expert_ref, used_ref, *refs, bk, num_weights, gather, group=None):
   """One row block x one output tile of ``rows @ W[e]`` for each weight ref.
 
   With one weight (w_down) the product is the output; with two (w_gate,
@@ -198,8 +176,7 @@ def _row_block_kernel(expert_ref, used_ref, *refs, bk, num_weights, gather, grou
   ``gather`` the block's rows are read straight from the token rows
   (``x[src[p]]``, padding rows clamped to the last token and discarded
   later) instead of from a materialised padded copy. With ``group`` the
-  weights are int8 and followed by their scale refs ``[E, K // group, N]``;
-  ``int8_fp16`` then multiplies in fp16 (``Tiles.int8 == "fp16"``).
+  weights are int8 and followed by their scale refs ``[E, K // group, N]``.
   """
   src_ref, rows_ref, w_refs, s_refs, out_ref = _unpack_refs(refs, num_weights, gather, group)
   b = pl.program_id(0)
@@ -222,10 +199,7 @@ def _row_block_kernel(expert_ref, used_ref, *refs, bk, num_weights, gather, grou
     def body(k, accs):
       k0 = pl.multiple_of(k * bk, bk)
       x = rows_ref[row_idx, pl.ds(k0, bk)] if gather else rows_ref[:, pl.ds(k0, bk)]
-      if int8_fp16:
-        x = clip_to_fp16(x)
-      as_operand = int8_to_fp16 if int8_fp16 else (lambda w: w.astype(x.dtype))
-      parts = (jnp.dot(x, as_operand(w_ref[e, pl.ds(k0, bk), pl.ds(n0, tn)]), preferred_element_type=acc_t)
+      parts = (jnp.dot(x, w_ref[e, pl.ds(k0, bk), pl.ds(n0, tn)].astype(x.dtype), preferred_element_type=acc_t)
                for w_ref in w_refs)
       if group and group < K:  # per-group scales: the chunk lies in group k0 // group
         parts = (scaled(part, s_ref, k0 // group) for part, s_ref in zip(parts, s_refs))
@@ -268,11 +242,8 @@ def _row_block_call(name, rows, expert_Q, used, weights, out_cols, *, block_rows
     row_specs, row_args = [pl.BlockSpec((block_rows, K), lambda b, j: (b, 0))], (rows,)
   else:
     row_specs, row_args = [whole, whole], (src_P, rows)
-  if tiles.int8 not in ("convert", "fp16"):
-    raise ValueError(f"Tiles.int8 must be 'convert' or 'fp16', got {tiles.int8!r}")
-  int8_fp16 = bool(group) and tiles.int8 == "fp16" and rows.dtype in (jnp.bfloat16, jnp.float16)
   kernel = functools.partial(_row_block_kernel, bk=tile_k, num_weights=len(weights) // (2 if group else 1),
-                             gather=src_P is not None, group=group, int8_fp16=int8_fp16)
+                             gather=src_P is not None, group=group)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((P, out_cols), rows.dtype),
