@@ -66,3 +66,18 @@ def test_int8_spd_loop(tmp_path):
   rows = _int8_rows(res["rows"])
   assert rows["spd loop", "int8"]["forwards"] > 0 and rows["spd loop", "int8"]["vs_bf16"] > 0
   assert rows["spd loop", "bf16"]["forwards_per_s"] > 0
+
+
+@pytest.mark.slow  # ~15 s on 2 cores
+def test_attention_rows_side_by_side(tmp_path):
+  """--attention times each implementation as its own rows (off the GPU, cudnn falls back to XLA's attention)."""
+  res, stdout = _run(tmp_path, "--attention", "xla,cudnn", "--routing", "uniform", "--no-spd", "--no-prefill")
+  assert {r["attention"] for r in res["rows"]} == {"xla", "cudnn"}
+  assert all(r["ratio"] > 0 for r in res["rows"]) and "cudnn" in stdout
+
+
+def test_bad_attention_is_a_one_line_error():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  r = subprocess.run([sys.executable, "tools/bench_decode.py", "--tiny", "--attention", "xla,flash"], cwd=REPO,
+                     env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and "--attention" in r.stderr and "Traceback" not in r.stderr
