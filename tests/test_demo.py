@@ -368,7 +368,7 @@ def test_readme_decode_and_evaluate_commands_work_on_the_demo_output(toy_run, ca
       record = json.loads(out.strip().splitlines()[-1])
       assert record["num_tokens"] > 0 and record["nfe"] > 0
     else:
-      assert "| spd | 0.5 | 8/8 |" in out and "| threshold | 0.9 | 8/8 |" in out
+      assert "| spd | 0.7 | 8/8 |" in out and "| threshold | 0.9 | 8/8 |" in out
 
 
 TOY_FLAGS = ["--config.data.n_train=64", "--config.data.n_test=8", "--config.model.hidden_size=32",
