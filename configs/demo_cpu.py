@@ -1,4 +1,4 @@
-"""The embedded demo on CPU: DMax end to end on generated arithmetic (about 830 s of CPU time, 8.5 minutes on 2 cores).
+"""The embedded demo on CPU: DMax end to end on generated arithmetic (about 810 s of CPU time, 8 minutes on 2 cores).
 
 python tools/run_demo.py --config=configs/demo_cpu.py --workdir=runs/demo
 """

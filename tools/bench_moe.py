@@ -87,19 +87,22 @@ def sweep_kernels(x, idx, weights, touched, bw, timing, block_rows=16, top=5, gr
   w_gate, w_up, w_down = weights
   E, D, F = w_gate.shape
   layout = jax.jit(lambda i: moe_pallas.block_layout(i, E, block_rows))(idx)
-  h = jax.jit(lambda x: moe_pallas.grouped_swiglu(x, layout["src"], layout["expert"], layout["used"], w_gate, w_up,
-                                                  block_rows=block_rows))(x)
-  # The weights are arguments, not closed-over constants: constants of this size make each compile take ~30 s.
   src, expert, used = layout["src"], layout["expert"], layout["used"]
+
+  # The weights are arguments, not closed-over constants: constants of this size make each compile take ~30 s.
+  def gate_up(t):
+    return jax.jit(lambda x, wg, wu: moe_pallas.grouped_swiglu(x, src, expert, used, wg, wu, block_rows=block_rows,
+                                                                tiles=t))
+
+  def down(t):
+    return jax.jit(lambda h, wd: moe_pallas.grouped_down(h, expert, used, wd, block_rows=block_rows, tiles=t))
+
+  h = gate_up(moe_pallas.Tiles())(x, w_gate, w_up)  # the down kernel's input rows
   kernels = {
-      "gate_up": (lambda t: jax.jit(lambda x, wg, wu: moe_pallas.grouped_swiglu(
-          x, src, expert, used, wg, wu, block_rows=block_rows, tiles=t)), (x, w_gate, w_up),
-                  touched * (w_gate.nbytes + w_up.nbytes) // E, F, D),
-      "down": (lambda t: jax.jit(lambda h, wd: moe_pallas.grouped_down(
-          h, expert, used, wd, block_rows=block_rows, tiles=t)), (h, w_down),
-               touched * w_down.nbytes // E, D, F),
+      "gate_up": (gate_up, (x, w_gate, w_up), touched * (w_gate.nbytes + w_up.nbytes) // E, F, D),
+      "down": (down, (h, w_down), touched * w_down.nbytes // E, D, F),
   }
-  real = np.asarray(layout["src"]) < x.shape[0]  # rows past the used blocks are never written
+  real = np.asarray(src) < x.shape[0]  # rows past the used blocks are never written
   best = {}
   for name, (make, args, nbytes, n_dim, k_dim) in kernels.items():
     results = []
