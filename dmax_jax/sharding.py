@@ -91,12 +91,14 @@ def param_spec(mesh: Mesh, name: str, shape) -> P:
   return _fit(mesh, shape, lead + rule)
 
 
-def _leaf_name(path) -> str:
+def _leaf_name(path) -> tuple[str, bool]:
+  """(the parameter's name, whether the leaf is an int8 weight's ``values``, stored with its last two axes swapped)."""
   keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
   keys = [k for k in keys if isinstance(k, str)]
-  if len(keys) > 1 and keys[-1] in ("values", "scale"):  # an int8 weight's parts (quant.Int8Weight) split as it
+  part = keys[-1] if len(keys) > 1 and keys[-1] in ("values", "scale") else None  # an int8 weight's parts split as it
+  if part:
     keys = keys[:-1]
-  return keys[-1] if keys else ""
+  return (keys[-1] if keys else ""), part == "values"
 
 
 def tree_shardings(mesh: Mesh, tree):
@@ -105,7 +107,13 @@ def tree_shardings(mesh: Mesh, tree):
   Leaves are matched by their last dict key; unknown leaves are replicated.
   """
   def one(path, leaf):
-    return NamedSharding(mesh, param_spec(mesh, _leaf_name(path), np.shape(leaf)))
+    name, swapped = _leaf_name(path)
+    shape = np.shape(leaf)
+    if not swapped:
+      return NamedSharding(mesh, param_spec(mesh, name, shape))
+    spec = tuple(param_spec(mesh, name, shape[:-2] + (shape[-1], shape[-2])))
+    spec += (None,) * (len(shape) - len(spec))
+    return NamedSharding(mesh, P(*spec[:-2], spec[-1], spec[-2]))
 
   return jax.tree_util.tree_map_with_path(one, tree)
 

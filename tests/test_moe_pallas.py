@@ -132,6 +132,10 @@ def test_pallas_bf16_mini_shapes_gpu(T):
   got, want = np.float32(got), np.float32(want)
   assert np.isfinite(got).all()
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+  sg, su, sd = (a[0] for a in _weights(jax.random.key(8), 1, D, F, jnp.bfloat16))  # the shared expert, merged in
+  got_m = np.float32(jax.jit(lambda *a: moe_pallas.experts_pallas(*a, shared=(sg, su, sd)))(x, idx, w, wg, wu, wd))
+  want_m = want + np.float32((jax.nn.silu(x @ sg) * (x @ su)) @ sd)
+  assert np.linalg.norm(got_m - want_m) / np.linalg.norm(want_m) < 1e-2
 
 
 def test_pallas_skips_invalid_pairs():
@@ -145,3 +149,40 @@ def test_pallas_skips_invalid_pairs():
   lay = moe_pallas.block_layout(idx, 8, 16, valid_TX=valid)
   assert int(lay["used"][0]) == sum(-(-int(jnp.sum(idx == e)) // 16) for e in range(5))
   assert int(jnp.sum(lay["src"] < 13)) == int(jnp.sum(valid))  # one padded row per valid pair
+
+
+def _numpy_swiglu_expert(x, wg, wu, wd):
+  """silu(x @ Wg) * (x @ Wu) @ Wd in float64 NumPy."""
+  x, wg, wu, wd = (np.asarray(a, np.float64) for a in (x, wg, wu, wd))
+  g, u = x @ wg, x @ wu
+  return (g / (1 + np.exp(-g)) * u) @ wd
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("T,block_rows", [(5, 16), (19, 8)])  # one partial shared block; three blocks, the last partial
+def test_pallas_with_the_shared_expert_in_its_kernels(T, block_rows, int8):
+  """``shared=``: the shared expert's blocks run first in the same kernels; routed + shared against NumPy float64."""
+  from dmax_jax.model import quant  # pylint: disable=import-outside-toplevel
+
+  x, idx, w = _case("random", T, 3, 8, seed=7)
+  routed = _weights(jax.random.key(8), 8, 64, 32)
+  shared = tuple(a[0] for a in _weights(jax.random.key(9), 1, 64, 32))
+  if int8:
+    routed, shared = ([quant.quantize(a, 16) for a in ws] for ws in (routed, shared))
+  with jax.enable_x64(True):
+    x64 = x.astype(jnp.float64)
+    got = moe_pallas.experts_pallas(x64, idx, w, *routed, block_rows=block_rows, interpret=True, shared=shared)
+
+  def dense64(a):  # the weight in float64: int8 values times their scales, each group's rows of K
+    if not int8:
+      return np.asarray(a, np.float64)
+    v = np.swapaxes(np.asarray(a.values, np.float64), -1, -2)
+    return v * np.repeat(np.asarray(a.scale, np.float64), a.group, axis=-2)
+
+  dense = [dense64(a) for a in routed]
+  want = _numpy_swiglu_expert(x, *(dense64(a) for a in shared))
+  for t in range(T):
+    for s in range(idx.shape[1]):
+      e = int(idx[t, s])
+      want[t] += float(w[t, s]) * _numpy_swiglu_expert(np.asarray(x)[t:t + 1], *(d[e] for d in dense))[0]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-10)

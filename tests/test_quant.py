@@ -48,7 +48,8 @@ def test_quantize_matches_numpy_reference(group, array):
   q = quant.quantize(array(w), group)
   want_v, want_s = _numpy_reference(w, group)
   assert q.values.dtype == np.int8 and q.scale.dtype == np.float32 and q.group == (group or 32)
-  np.testing.assert_array_equal(np.asarray(q.values), want_v)
+  assert q.shape == w.shape and q.values.shape == w.shape[:2] + (5, 32)  # values stored [..., N, K]
+  np.testing.assert_array_equal(np.asarray(q.values), np.swapaxes(want_v, -1, -2))
   np.testing.assert_array_equal(np.asarray(q.scale), want_s)
   deq = np.asarray(quant.dequantize(q))
   bound = np.repeat(want_s, group or 32, axis=-2) / 2  # rounding error: at most half a step
@@ -187,6 +188,19 @@ def test_quantized_checkpoint_round_trip(tiny, tiny_int8, tmp_path):
     np.testing.assert_array_equal(plain["moe"]["shared_down"]["scale"], np.asarray(params["moe"]["shared_down"].scale))
 
 
+def test_checkpoint_of_the_earlier_int8_layout_is_refused(tiny, tiny_int8, tmp_path):
+  """A config entry without ``values_layout`` (values stored [K, N] before) fails to load with a clear error."""
+  cfg, _ = tiny
+  path = str(tmp_path / "ck")
+  ckpt_lib.save_checkpoint(tiny_int8[1], cfg, path)
+  config = json.loads(open(f"{path}/config.json").read())
+  del config[quant.CONFIG_KEY]["values_layout"]
+  with open(f"{path}/config.json", "w") as f:
+    json.dump(config, f)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"earlier \[K, N\] layout.*convert the checkpoint again"):
+    ckpt_lib.load_checkpoint(path)
+
+
 @pytest.mark.parametrize("group", [None, 16])
 def test_convert_hf_quantize_equals_quantize_at_load(tiny_dir, tiny, tmp_path, group):
   out = str(tmp_path / "ck")
@@ -266,6 +280,8 @@ def test_pallas_int8_mini_shapes_gpu(T, group):
   dg, du, dd = (quant.dequantize(a, jnp.bfloat16) for a in shared)
   want_s = (jax.nn.silu(x @ dg) * (x @ du)) @ dd
   assert _rel(got_s, want_s) < 1e-2
+  got_m = jax.jit(lambda *a: moe_pallas.experts_pallas(*a, shared=shared))(x, idx, w, *q)  # shared in the same kernels
+  assert _rel(got_m, want.astype(jnp.float32) + want_s.astype(jnp.float32)) < 1e-2
 
 
 MESH_SCRIPT = """
@@ -285,6 +301,9 @@ for backend, axes in (("pallas", dict(expert=4)), ("grouped", dict(expert=2, ten
   mesh = sharding.make_mesh(axes)
   split = jax.device_put(params, sharding.tree_shardings(mesh, params))
   assert split["moe"]["w_gate"].values.sharding.spec[1] == "expert"
+  if "tensor" in axes:  # w_gate [L, E, D, F] splits F over tensor: its values [L, E, F, D] split axis 2
+    assert tuple(split["moe"]["w_gate"].values.sharding.spec)[2] == "tensor"
+    assert tuple(split["moe"]["w_gate"].scale.sharding.spec)[3] == "tensor"
   with jax.set_mesh(mesh):
     got = np.asarray(jax.jit(lambda p: dmax_jax.forward(p, c, tokens=tokens))(split))
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)

@@ -71,7 +71,8 @@ def _stored_shapes(cfg: ModelConfig, quantization: Optional[dict] = None) -> dic
     node = shapes
     for k in parents:
       node = node[k]
-    node[last] = {"values": node[last], "scale": quant.scale_shape(node[last], quantization["group_size"])}
+    node[last] = {"values": quant.values_shape(node[last]),
+                  "scale": quant.scale_shape(node[last], quantization["group_size"])}
   return shapes
 
 
@@ -95,6 +96,9 @@ def read_quantization(path: str) -> Optional[dict]:
       or not (spec.get("group_size") is None or isinstance(spec.get("group_size"), int))):
     raise CheckpointError(f"{config}: {quant.CONFIG_KEY} must be {{\"method\": one of {quant.METHODS}, "
                           f"\"group_size\": null or an int, \"leaves\": [...]}}, got {spec!r}")
+  if spec.get("values_layout") != quant.VALUES_LAYOUT:
+    raise CheckpointError(f"{config}: int8 values stored in the earlier [K, N] layout (no \"values_layout\": "
+                          f"\"{quant.VALUES_LAYOUT}\"); convert the checkpoint again with this version")
   return spec
 
 
@@ -321,7 +325,8 @@ def _quantization_spec(cfg: ModelConfig, method: Optional[str], group_size: Opti
       quant.scale_shape(moe[k][1:], group_size)
     except ValueError as e:
       raise CheckpointError(f"moe.{k}: {e}") from None
-  return {"method": method, "group_size": group_size, "leaves": [f"moe.{k}" for k in leaves]}
+  return {"method": method, "group_size": group_size, "leaves": [f"moe.{k}" for k in leaves],
+          "values_layout": quant.VALUES_LAYOUT}
 
 
 def save_checkpoint(params, cfg: ModelConfig, path: str, tokenizer_dir: Optional[str] = None, dtype=None) -> None:

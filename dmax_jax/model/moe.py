@@ -380,17 +380,30 @@ def _flatten_layers(w):
   return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), w)
 
 
+# The pallas backend runs the shared expert inside the routed experts' kernels (``experts_pallas(shared=...)``)
+# where it can (one device's experts, the routed experts' width and kind); False: its own calls.
+SHARED_IN_ROUTED_KERNELS = True
+SHARED_WEIGHTS = ("shared_gate", "shared_up", "shared_down")
+
+
+def _shared_merges(p, cfg: ModelConfig, routed_gate) -> bool:
+  """Whether the pallas kernels take the shared expert along (``SHARED_IN_ROUTED_KERNELS``)."""
+  return bool(SHARED_IN_ROUTED_KERNELS and cfg.num_shared_experts
+              and cfg.shared_intermediate_size == cfg.moe_intermediate_size
+              and quant.is_quantized(p["shared_gate"]) == quant.is_quantized(routed_gate))
+
+
 def _routed(p, x_TD, idx_TX, w_TX, cfg: ModelConfig, whole, layer):
-  """The routed experts' output [T, D] through ``cfg.moe_backend``.
+  """(the routed experts' output [T, D] through ``cfg.moe_backend``, whether the shared expert's is in it).
 
   ``p`` holds the layer's own weights; ``whole`` is what ``prepare_experts``
   kept whole for every layer (None: the experts are in ``p``) and ``layer``
   this layer's index in it.
   """
   if cfg.moe_backend == "dense":
-    return experts_dense(x_TD, idx_TX, w_TX, *(p[k] for k in EXPERT_WEIGHTS))
+    return experts_dense(x_TD, idx_TX, w_TX, *(p[k] for k in EXPERT_WEIGHTS)), False
   if cfg.moe_backend == "grouped":
-    return experts_grouped(x_TD, idx_TX, w_TX, *(p[k] for k in EXPERT_WEIGHTS))
+    return experts_grouped(x_TD, idx_TX, w_TX, *(p[k] for k in EXPERT_WEIGHTS)), False
   if cfg.moe_backend != "pallas":
     raise ValueError(f"unknown moe_backend {cfg.moe_backend!r}")
   from dmax_jax.model.kernels import moe_pallas  # pylint: disable=import-outside-toplevel
@@ -399,11 +412,13 @@ def _routed(p, x_TD, idx_TX, w_TX, cfg: ModelConfig, whole, layer):
     whole, layer = ("stacked", tuple(jax.tree.map(lambda a: a[None], p[k]) for k in EXPERT_WEIGHTS)), 0
   kind, weights = whole
   if kind == "stacked" and expert_parallel_size() > 1:
-    return moe_pallas.experts_pallas_expert_parallel(x_TD, idx_TX, w_TX, *weights, layer)
+    return moe_pallas.experts_pallas_expert_parallel(x_TD, idx_TX, w_TX, *weights, layer), False
   if kind == "stacked":
     weights = tuple(_flatten_layers(w) for w in weights)
+  merged = _shared_merges(p, cfg, weights[0])
+  shared = tuple(p[k] for k in SHARED_WEIGHTS) if merged else None
   return moe_pallas.experts_pallas(x_TD, idx_TX, w_TX, *weights, num_experts=cfg.num_experts,
-                                   expert_offset=layer * cfg.num_experts)
+                                   expert_offset=layer * cfg.num_experts, shared=shared), merged
 
 
 def moe_mlp(p, x_TD, cfg: ModelConfig, whole=None, layer=0):
@@ -414,13 +429,15 @@ def moe_mlp(p, x_TD, cfg: ModelConfig, whole=None, layer=0):
   Returns (y [T, D], (ids [T, X], weights [T, X])).
   """
   idx_TX, w_TX = route(p["router"], p["expert_bias"], x_TD, cfg)
-  y = _routed(p, x_TD, idx_TX, w_TX, cfg, whole, layer)
-  if cfg.num_shared_experts and cfg.moe_backend == "pallas" and quant.is_quantized(p["shared_gate"]):
+  y, shared_done = _routed(p, x_TD, idx_TX, w_TX, cfg, whole, layer)
+  if not cfg.num_shared_experts or shared_done:
+    return y, (idx_TX, w_TX)
+  if cfg.moe_backend == "pallas" and quant.is_quantized(p["shared_gate"]):
     from dmax_jax.model.kernels import moe_pallas  # pylint: disable=import-outside-toplevel
 
     # int8 shared expert: the kernels read its int8 weights (XLA would write them out dequantized first)
-    y = y + moe_pallas.shared_expert_pallas(x_TD, p["shared_gate"], p["shared_up"], p["shared_down"])
-  elif cfg.num_shared_experts:
+    y = y + moe_pallas.shared_expert_pallas(x_TD, *(p[k] for k in SHARED_WEIGHTS))
+  else:
     dtype = x_TD.dtype
     shared = jnp.einsum(
         "tf,fd->td",

@@ -37,7 +37,10 @@ needs ``block_rows >= 16``. Forward only (no VJP): this is the decoding path.
 int8 experts (``quant.Int8Weight``): the kernels load the int8 tiles, convert
 them to x's dtype in registers (exact: |values| <= 127) and multiply the fp32
 partial products by the scales, so no dequantized weight is ever written to
-memory. Per-output-channel scales multiply the accumulator once at the end;
+memory. The int8 values are stored ``[E, N, K]`` (K contiguous): with the
+tile ``[tn, bk]`` contracted on its last axis, Triton builds the MMA's weight
+operand from it 25% faster than from a ``[bk, tn]`` tile of ``[E, K, N]``
+values (one H200; BENCHMARKS.md). Per-output-channel scales multiply the accumulator once at the end;
 per-group scales (``group`` rows of K each) multiply each chunk's partial
 product, the chunk being cut to at most one group. ``shared_expert_pallas``
 runs the shared expert through the same kernels (every token to one expert).
@@ -160,14 +163,27 @@ def block_layout(idx_TX, num_experts: int, block_rows: int, method: str | None =
   )
 
 
-def _unpack_refs(refs, num_weights, gather, group):
-  """(src or None, rows, weights, scales or Nones, out) from the kernel's positional refs."""
+def _unpack_refs(refs, num_weights, gather, group, shared):
+  """(src or None, rows, weight sets, out) from the kernel's positional refs.
+
+  A weight set is (weights, scales or Nones): the routed experts', then with
+  ``shared`` the shared expert's.
+  """
   src_ref, refs = (refs[0], refs[1:]) if gather else (None, refs)
-  rows_ref, w_refs, out_ref = refs[0], refs[1:1 + num_weights], refs[-1]
-  return src_ref, rows_ref, w_refs, refs[1 + num_weights:-1] if group else (None,) * num_weights, out_ref
+  rows_ref, out_ref, refs = refs[0], refs[-1], refs[1:-1]
+  per_set = num_weights * (2 if group else 1)
+  sets = []
+  for i in range(2 if shared else 1):
+    w = refs[i * per_set:(i + 1) * per_set]
+    sets.append((w[:num_weights], w[num_weights:] if group else (None,) * num_weights))
+  return src_ref, rows_ref, sets, out_ref
 
 
-def _row_block_kernel(expert_ref, used_ref, *refs, bk, num_weights, gather, group=None):
+# The expert id of the shared expert's row blocks (they read the shared weights, expert 0 there).
+SHARED_BLOCK = -1
+
+
+def _row_block_kernel(expert_ref, used_ref, *refs, bk, num_weights, gather, group=None, shared=False):
   """One row block x one output tile of ``rows @ W[e]`` for each weight ref.
 
   With one weight (w_down) the product is the output; with two (w_gate,
@@ -177,16 +193,27 @@ def _row_block_kernel(expert_ref, used_ref, *refs, bk, num_weights, gather, grou
   (``x[src[p]]``, padding rows clamped to the last token and discarded
   later) instead of from a materialised padded copy. With ``group`` the
   weights are int8 and followed by their scale refs ``[E, K // group, N]``.
+  With ``shared`` a second weight set (the shared expert, ``[1, ...]``)
+  follows and row blocks whose expert is ``SHARED_BLOCK`` read it.
   """
-  src_ref, rows_ref, w_refs, s_refs, out_ref = _unpack_refs(refs, num_weights, gather, group)
+  src_ref, rows_ref, sets, out_ref = _unpack_refs(refs, num_weights, gather, group, shared)
   b = pl.program_id(0)
+  e_b = expert_ref[b]
+  if shared:
+    _row_block(b, e_b, *sets[0], src_ref, rows_ref, out_ref, used_ref, bk, gather, group, e_b != SHARED_BLOCK)
+    _row_block(b, 0, *sets[1], src_ref, rows_ref, out_ref, used_ref, bk, gather, group, e_b == SHARED_BLOCK)
+  else:
+    _row_block(b, e_b, *sets[0], src_ref, rows_ref, out_ref, used_ref, bk, gather, group, True)
+
+
+def _row_block(b, e, w_refs, s_refs, src_ref, rows_ref, out_ref, used_ref, bk, gather, group, mine):
+  """The body of ``_row_block_kernel`` for one weight set: runs when ``mine`` and the block is used."""
   j = pl.program_id(1)
   bm, tn = out_ref.shape
   K = rows_ref.shape[1]
 
-  @pl.when(b < used_ref[0])
+  @pl.when(jnp.logical_and(b < used_ref[0], mine))
   def _():
-    e = expert_ref[b]
     n0 = pl.multiple_of(j * tn, tn)
     if gather:
       row_idx = jnp.minimum(src_ref[pl.ds(pl.multiple_of(b * bm, bm), bm)], rows_ref.shape[0] - 1)
@@ -199,8 +226,12 @@ def _row_block_kernel(expert_ref, used_ref, *refs, bk, num_weights, gather, grou
     def body(k, accs):
       k0 = pl.multiple_of(k * bk, bk)
       x = rows_ref[row_idx, pl.ds(k0, bk)] if gather else rows_ref[:, pl.ds(k0, bk)]
-      parts = (jnp.dot(x, w_ref[e, pl.ds(k0, bk), pl.ds(n0, tn)].astype(x.dtype), preferred_element_type=acc_t)
-               for w_ref in w_refs)
+      if group:  # int8 values stored [E, N, K]: the product contracts both operands' last axis
+        parts = (jax.lax.dot_general(x, w_ref[e, pl.ds(n0, tn), pl.ds(k0, bk)].astype(x.dtype),
+                                     (((1,), (1,)), ((), ())), preferred_element_type=acc_t) for w_ref in w_refs)
+      else:
+        parts = (jnp.dot(x, w_ref[e, pl.ds(k0, bk), pl.ds(n0, tn)].astype(x.dtype), preferred_element_type=acc_t)
+                 for w_ref in w_refs)
       if group and group < K:  # per-group scales: the chunk lies in group k0 // group
         parts = (scaled(part, s_ref, k0 // group) for part, s_ref in zip(parts, s_refs))
       return tuple(acc + part for acc, part in zip(accs, parts))
@@ -214,24 +245,30 @@ def _row_block_kernel(expert_ref, used_ref, *refs, bk, num_weights, gather, grou
 
 
 def _row_block_call(name, rows, expert_Q, used, weights, out_cols, *, block_rows, tiles: Tiles, interpret,
-                    src_P=None):
+                    src_P=None, shared_weights=None):
   """Runs ``_row_block_kernel`` on a (row block, output tile) grid; the row-block axis varies fastest.
 
   ``rows`` is the padded ``[P, K]`` row array, or with ``src_P`` the ``[T, K]``
   token rows that padded row p reads as ``rows[src_P[p]]``. ``weights`` are
-  arrays, or all ``quant.Int8Weight``s of one group size.
+  arrays, or all ``quant.Int8Weight``s of one group size; ``shared_weights``
+  (optional) the shared expert's, ``[1, ...]``, read by ``SHARED_BLOCK`` blocks.
   """
   interpret = _interpret(interpret)
   K = rows.shape[1]
   P = rows.shape[0] if src_P is None else src_P.shape[0]
   tile, tile_k = _tile(out_cols, tiles.n), _tile(K, tiles.k)
+  num_weights = len(weights)
+  every = tuple(weights) + tuple(shared_weights or ())
   group = None
-  if all(quant.is_quantized(w) for w in weights):
-    (group,) = {w.group for w in weights}
+  if all(quant.is_quantized(w) for w in every):
+    (group,) = {w.group for w in every}
     tile_k = min(tile_k, _tile(group, tiles.k))  # a contraction chunk within one group of scales
-    weights = tuple(w.values for w in weights) + tuple(w.scale for w in weights)
-  elif any(quant.is_quantized(w) for w in weights):
+    sets = (weights,) + ((shared_weights,) if shared_weights else ())
+    weights = tuple(a for ws in sets for a in tuple(w.values for w in ws) + tuple(w.scale for w in ws))
+  elif any(quant.is_quantized(w) for w in every):
     raise ValueError("the weights of one kernel are all int8 or none")
+  else:
+    weights = every
   whole = pl.BlockSpec()  # whole array: the kernel slices it
   params = None
   if not interpret:
@@ -242,8 +279,8 @@ def _row_block_call(name, rows, expert_Q, used, weights, out_cols, *, block_rows
     row_specs, row_args = [pl.BlockSpec((block_rows, K), lambda b, j: (b, 0))], (rows,)
   else:
     row_specs, row_args = [whole, whole], (src_P, rows)
-  kernel = functools.partial(_row_block_kernel, bk=tile_k, num_weights=len(weights) // (2 if group else 1),
-                             gather=src_P is not None, group=group)
+  kernel = functools.partial(_row_block_kernel, bk=tile_k, num_weights=num_weights, gather=src_P is not None,
+                             group=group, shared=bool(shared_weights))
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((P, out_cols), rows.dtype),
@@ -256,22 +293,24 @@ def _row_block_call(name, rows, expert_Q, used, weights, out_cols, *, block_rows
   )(expert_Q, used, *row_args, *weights)
 
 
-def grouped_swiglu(x_TD, src_P, expert_Q, used, w_gate_EDF, w_up_EDF, *, block_rows, tiles=None, interpret=None):
+def grouped_swiglu(x_TD, src_P, expert_Q, used, w_gate_EDF, w_up_EDF, *, block_rows, tiles=None, interpret=None,
+                   shared=None):
   """Kernel A: ``h [P, F] = silu(xs @ Wg[e]) * (xs @ Wu[e])`` per row block, in x's dtype.
 
   ``xs[p] = x_TD[src_P[p]]`` (the padded, expert-sorted rows) is gathered
-  inside the kernel.
+  inside the kernel. ``shared``: the shared expert's (gate, up) ``[1, D, F]``
+  for the ``SHARED_BLOCK`` blocks.
   """
   F = w_gate_EDF.shape[2]
   return _row_block_call("moe_gate_up", x_TD, expert_Q, used, (w_gate_EDF, w_up_EDF), F, block_rows=block_rows,
-                         tiles=tiles or GATE_UP_TILES, interpret=interpret, src_P=src_P)
+                         tiles=tiles or GATE_UP_TILES, interpret=interpret, src_P=src_P, shared_weights=shared)
 
 
-def grouped_down(h_PF, expert_Q, used, w_down_EFD, *, block_rows, tiles=None, interpret=None):
-  """Kernel B over padded rows: ``y [P, D] = h @ Wd[e]`` per row block."""
+def grouped_down(h_PF, expert_Q, used, w_down_EFD, *, block_rows, tiles=None, interpret=None, shared=None):
+  """Kernel B over padded rows: ``y [P, D] = h @ Wd[e]`` per row block (``shared``: the shared expert's down)."""
   D = w_down_EFD.shape[2]
   return _row_block_call("moe_down", h_PF, expert_Q, used, (w_down_EFD,), D, block_rows=block_rows,
-                         tiles=tiles or DOWN_TILES, interpret=interpret)
+                         tiles=tiles or DOWN_TILES, interpret=interpret, shared_weights=shared)
 
 
 # Settings of the fastest combined run of an earlier sweep on one H100 (jax 0.11.2, LLaDA-2.0-mini
@@ -293,7 +332,7 @@ def shared_expert_pallas(x_TD, w_gate_DC, w_up_DC, w_down_CD, *, block_rows=16, 
   """
   interpret = _interpret(interpret)
   T = x_TD.shape[0]
-  one = tuple(jax.tree.map(lambda a: a[None], w) for w in (w_gate_DC, w_up_DC, w_down_CD))
+  one = _one_expert((w_gate_DC, w_up_DC, w_down_CD))
   Q = -(-T // block_rows)  # the tokens in order, the last block padded (padding rows read token T-1)
   src_P = jnp.minimum(jnp.arange(Q * block_rows, dtype=jnp.int32), T)
   expert_Q, used = jnp.zeros((Q,), jnp.int32), jnp.full((1,), Q, jnp.int32)
@@ -304,7 +343,7 @@ def shared_expert_pallas(x_TD, w_gate_DC, w_up_DC, w_down_CD, *, block_rows=16, 
 
 def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, block_rows=16, interpret=None,
                    gate_up_tiles: Tiles | None = None, down_tiles: Tiles | None = None, num_experts=None,
-                   expert_offset=0, valid_TX=None):
+                   expert_offset=0, valid_TX=None, shared=None):
   """Routed-expert output [T, D], same contract as ``moe.experts_dense``.
 
   Expert weights are cast to x's dtype, matmuls accumulate in fp32, SwiGLU
@@ -319,6 +358,13 @@ def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, bloc
   ``tools/bench_moe.py --sweep``). Pairs where ``valid_TX`` is False are
   skipped (they contribute nothing): the expert-parallel path passes the
   pairs whose experts live on other devices that way.
+
+  ``shared`` (optional): the shared expert's ``(gate [D, F], up [D, F],
+  down [F, D])``, the routed experts' width and kind (arrays or int8). Its
+  output is added to the result (in fp32) and it runs inside the same two
+  kernels: every token gets a row in ``ceil(T / block_rows)`` extra row blocks
+  placed first, which read the shared weights (no extra launches, and its
+  few programs fill the routed experts' waves instead of running alone).
   """
   interpret = _interpret(interpret)
   dtype = x_TD.dtype
@@ -329,14 +375,39 @@ def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, bloc
   # gather and recomputes it for every output element (measured: +15 us per layer at batch 1).
   layout = jax.lax.optimization_barrier(block_layout(idx_TX, E, block_rows, valid_TX=valid_TX))
   layout["expert"] = layout["expert"] + expert_offset
+  one = None
+  if shared is not None:
+    layout, one = _with_shared_blocks(layout, x_TD.shape[0], block_rows), _one_expert(shared)
   kw = dict(block_rows=block_rows, interpret=interpret)
-  h_PF = grouped_swiglu(x_TD, layout["src"], layout["expert"], layout["used"], w_gate_EDF, w_up_EDF, tiles=gate_up_tiles, **kw)
-  y_PD = grouped_down(h_PF, layout["expert"], layout["used"], w_down_EFD, tiles=down_tiles, **kw)
+  h_PF = grouped_swiglu(x_TD, layout["src"], layout["expert"], layout["used"], w_gate_EDF, w_up_EDF, tiles=gate_up_tiles,
+                        shared=one and one[:2], **kw)
+  y_PD = grouped_down(h_PF, layout["expert"], layout["used"], w_down_EFD, tiles=down_tiles, shared=one and one[2:],
+                      **kw)
   wide = accum_dtype(dtype)
   y_TXD = y_PD[layout["pos"]].astype(wide)  # each (token, slot) pair's row: one gather
   if valid_TX is not None:
     y_TXD = jnp.where(valid_TX[..., None], y_TXD, 0.0)
-  return jnp.einsum("txd,tx->td", y_TXD, w_TX.astype(wide)).astype(dtype)
+  y_TD = jnp.einsum("txd,tx->td", y_TXD, w_TX.astype(wide))
+  if shared is not None:
+    y_TD = y_TD + y_PD[:x_TD.shape[0]].astype(wide)  # the shared blocks' rows: token t at row t
+  return y_TD.astype(dtype)
+
+
+def _one_expert(weights):
+  """``[..]`` weights (arrays or ``quant.Int8Weight``s) as a one-expert ``[1, ..]`` stack."""
+  return tuple(jax.tree.map(lambda a: a[None], w) for w in weights)
+
+
+def _with_shared_blocks(layout, T: int, block_rows: int):
+  """``layout`` with ``ceil(T / block_rows)`` shared-expert row blocks put first (token t at row t)."""
+  S = -(-T // block_rows)
+  rows = jnp.arange(S * block_rows, dtype=jnp.int32)
+  return dict(
+      pos=layout["pos"] + S * block_rows,
+      src=jnp.concatenate([jnp.minimum(rows, T), layout["src"]]),
+      expert=jnp.concatenate([jnp.full((S,), SHARED_BLOCK, jnp.int32), layout["expert"]]),
+      used=layout["used"] + S,
+  )
 
 
 def experts_pallas_expert_parallel(x_TD, idx_TX, w_TX, w_gate_LEDF, w_up_LEDF, w_down_LEFD, layer, *,
