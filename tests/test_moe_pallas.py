@@ -186,3 +186,15 @@ def test_pallas_with_the_shared_expert_in_its_kernels(T, block_rows, int8):
       e = int(idx[t, s])
       want[t] += float(w[t, s]) * _numpy_swiglu_expert(np.asarray(x)[t:t + 1], *(d[e] for d in dense))[0]
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-10)
+
+
+def test_pallas_reads_the_shared_expert_of_its_layer_from_a_stack():
+  """``shared`` as ``[n, ...]`` stacks and a traced ``shared_index``: the same as passing that layer's weights."""
+  x, idx, w = _case("random", 11, 2, 8, seed=10)
+  routed = _weights(jax.random.key(11), 8, 64, 32)
+  stack = _weights(jax.random.key(12), 3, 64, 32)  # three layers' shared experts
+  f = jax.jit(lambda i: moe_pallas.experts_pallas(x, idx, w, *routed, interpret=True, shared=stack, shared_index=i))
+  for i in range(3):
+    want = moe_pallas.experts_pallas(x, idx, w, *routed, interpret=True, shared=tuple(a[i] for a in stack))
+    np.testing.assert_array_equal(np.asarray(f(i)), np.asarray(want))
+  assert not np.allclose(np.asarray(f(0)), np.asarray(f(1)))

@@ -364,15 +364,21 @@ def prepare_experts(stack, cfg: ModelConfig):
   ``pallas`` kernels read the whole ``[layers * E, ...]`` flattened stack at the
   layer's offset instead (slicing a layer out would copy ~1.6 GB per layer at
   LLaDA-2.0-mini size), or, expert-parallel, each device's local slice of the
-  ``[layers, E, ...]`` stack.
+  ``[layers, E, ...]`` stack. Where the kernels take the shared expert along
+  (``_shared_merges``) its ``[layers, ...]`` stacks are kept whole too, read at
+  the layer's index in place (a scan would copy each layer's slice out first).
   """
   if cfg.moe_backend != "pallas":
     return stack, None
   per_layer = {k: v for k, v in stack.items() if k not in EXPERT_WEIGHTS}
   weights = tuple(stack[k] for k in EXPERT_WEIGHTS)
   if expert_parallel_size() > 1:
-    return per_layer, ("stacked", weights)
-  return per_layer, ("flat", tuple(_flatten_layers(w) for w in weights))
+    return per_layer, ("stacked", weights, None)
+  shared = None
+  if _shared_merges(stack, cfg, stack["w_gate"]):  # the kernels read this layer's shared expert from the stack too
+    shared = tuple(stack[k] for k in SHARED_WEIGHTS)
+    per_layer = {k: v for k, v in per_layer.items() if k not in SHARED_WEIGHTS}
+  return per_layer, ("flat", tuple(_flatten_layers(w) for w in weights), shared)
 
 
 def _flatten_layers(w):
@@ -387,7 +393,7 @@ SHARED_WEIGHTS = ("shared_gate", "shared_up", "shared_down")
 
 
 def _shared_merges(p, cfg: ModelConfig, routed_gate) -> bool:
-  """Whether the pallas kernels take the shared expert along (``SHARED_IN_ROUTED_KERNELS``)."""
+  """Whether the pallas kernels take the shared expert in ``p`` along (``SHARED_IN_ROUTED_KERNELS``)."""
   return bool(SHARED_IN_ROUTED_KERNELS and cfg.num_shared_experts
               and cfg.shared_intermediate_size == cfg.moe_intermediate_size
               and quant.is_quantized(p["shared_gate"]) == quant.is_quantized(routed_gate))
@@ -408,17 +414,18 @@ def _routed(p, x_TD, idx_TX, w_TX, cfg: ModelConfig, whole, layer):
     raise ValueError(f"unknown moe_backend {cfg.moe_backend!r}")
   from dmax_jax.model.kernels import moe_pallas  # pylint: disable=import-outside-toplevel
 
-  if whole is None:  # one layer's [E, ...] experts
-    whole, layer = ("stacked", tuple(jax.tree.map(lambda a: a[None], p[k]) for k in EXPERT_WEIGHTS)), 0
-  kind, weights = whole
+  if whole is None:  # one layer's [E, ...] experts (and its shared expert)
+    one = lambda ws: tuple(jax.tree.map(lambda a: a[None], w) for w in ws)  # pylint: disable=unnecessary-lambda-assignment
+    shared = one(p[k] for k in SHARED_WEIGHTS) if _shared_merges(p, cfg, p["w_gate"]) else None
+    whole, layer = ("stacked", one(p[k] for k in EXPERT_WEIGHTS), shared), 0
+  kind, weights, shared = whole
   if kind == "stacked" and expert_parallel_size() > 1:
     return moe_pallas.experts_pallas_expert_parallel(x_TD, idx_TX, w_TX, *weights, layer), False
   if kind == "stacked":
     weights = tuple(_flatten_layers(w) for w in weights)
-  merged = _shared_merges(p, cfg, weights[0])
-  shared = tuple(p[k] for k in SHARED_WEIGHTS) if merged else None
   return moe_pallas.experts_pallas(x_TD, idx_TX, w_TX, *weights, num_experts=cfg.num_experts,
-                                   expert_offset=layer * cfg.num_experts, shared=shared), merged
+                                   expert_offset=layer * cfg.num_experts, shared=shared,
+                                   shared_index=layer), shared is not None
 
 
 def moe_mlp(p, x_TD, cfg: ModelConfig, whole=None, layer=0):

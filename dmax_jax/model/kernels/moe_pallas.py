@@ -122,43 +122,51 @@ def _rank_and_sizes(flat_M, num_experts: int, method: str):
 COMPARE_RANK_MAX_PAIRS = 4096
 
 
-def block_layout(idx_TX, num_experts: int, block_rows: int, method: str | None = None, valid_TX=None):
+def block_layout(idx_TX, num_experts: int, block_rows: int, method: str | None = None, valid_TX=None, *,
+                 expert_offset=0, lead_blocks: int = 0, lead_id=0):
   """Padded, expert-sorted row layout of the (token, expert) pairs.
 
   Returns a dict of int32 arrays:
     pos [T, X]: the padded row of each pair;
     src [P]: the token each padded row reads, T for a padding row;
-    expert [Q]: the expert of each row block (clipped to E-1 past the used blocks);
+    expert [Q]: the expert of each row block (clipped to E-1 past the used blocks), plus ``expert_offset``;
     used [1]: the number of used row blocks (they come first).
   Within an expert's rows, pairs keep their original (token-major) order.
   ``method`` picks how pairs are ranked (``_rank_and_sizes``); default by size.
   Pairs where ``valid_TX`` is False (experts held by another device) get no
   row; their ``pos`` is 0 and the combine must ignore them.
+  ``lead_blocks`` row blocks of id ``lead_id`` come first, row t reading
+  token t (the shared expert's blocks); the pairs' blocks follow them. All of
+  it is computed here rather than concatenated afterwards: each separate step
+  is one more small kernel per layer.
   """
   T, X = idx_TX.shape
   M = T * X
   E = num_experts
   bm = block_rows
-  Q = num_row_blocks(M, E, bm)
+  Q = num_row_blocks(M, E, bm) + lead_blocks
   method = method or ("compare" if M <= COMPARE_RANK_MAX_PAIRS else "sort")
   flat = idx_TX.reshape(-1).astype(jnp.int32)
   if valid_TX is not None:
     flat = jnp.where(valid_TX.reshape(-1), flat, E)  # a bucket past the last expert: no blocks
   within, size_E = _rank_and_sizes(flat, E, method)
   blocks_E = (size_E + bm - 1) // bm
-  block_end_E = jnp.cumsum(blocks_E)
+  block_end_E = jnp.cumsum(blocks_E) + lead_blocks
   block_start_E = block_end_E - blocks_E
   pos = block_start_E[jnp.minimum(flat, E - 1)] * bm + within
   if valid_TX is not None:
     pos = jnp.where(flat < E, pos, 0)
-  src = jnp.full((Q * bm,), T, jnp.int32).at[jnp.where(flat < E, pos, Q * bm)].set(
+  rows = jnp.arange(Q * bm, dtype=jnp.int32)
+  src = jnp.where(rows < min(lead_blocks * bm, T), rows, T).at[jnp.where(flat < E, pos, Q * bm)].set(
       jnp.arange(M, dtype=jnp.int32) // X, mode="drop")
   # compare_all: the default searchsorted method lowers to a sequential loop on GPU.
-  expert_Q = jnp.searchsorted(block_end_E, jnp.arange(Q), side="right", method="compare_all")
+  blocks = jnp.arange(Q)
+  expert_Q = jnp.searchsorted(block_end_E, blocks, side="right", method="compare_all")
+  expert_Q = jnp.minimum(expert_Q, E - 1) + expert_offset
   return dict(
       pos=pos.reshape(T, X),
       src=src,
-      expert=jnp.minimum(expert_Q, E - 1).astype(jnp.int32),
+      expert=jnp.where(blocks < lead_blocks, lead_id, expert_Q).astype(jnp.int32),
       used=block_end_E[-1:].astype(jnp.int32),
   )
 
@@ -179,8 +187,9 @@ def _unpack_refs(refs, num_weights, gather, group, shared):
   return src_ref, rows_ref, sets, out_ref
 
 
-# The expert id of the shared expert's row blocks (they read the shared weights, expert 0 there).
-SHARED_BLOCK = -1
+def shared_block_id(index):
+  """The expert id of a row block of shared expert ``index`` (in the shared weights' stack): negative."""
+  return -1 - index
 
 
 def _row_block_kernel(expert_ref, used_ref, *refs, bk, num_weights, gather, group=None, shared=False):
@@ -193,15 +202,15 @@ def _row_block_kernel(expert_ref, used_ref, *refs, bk, num_weights, gather, grou
   (``x[src[p]]``, padding rows clamped to the last token and discarded
   later) instead of from a materialised padded copy. With ``group`` the
   weights are int8 and followed by their scale refs ``[E, K // group, N]``.
-  With ``shared`` a second weight set (the shared expert, ``[1, ...]``)
-  follows and row blocks whose expert is ``SHARED_BLOCK`` read it.
+  With ``shared`` a second weight set (a stack of shared experts, ``[n, ...]``)
+  follows and row blocks with a negative expert id (``shared_block_id``) read it.
   """
   src_ref, rows_ref, sets, out_ref = _unpack_refs(refs, num_weights, gather, group, shared)
   b = pl.program_id(0)
   e_b = expert_ref[b]
   if shared:
-    _row_block(b, e_b, *sets[0], src_ref, rows_ref, out_ref, used_ref, bk, gather, group, e_b != SHARED_BLOCK)
-    _row_block(b, 0, *sets[1], src_ref, rows_ref, out_ref, used_ref, bk, gather, group, e_b == SHARED_BLOCK)
+    _row_block(b, e_b, *sets[0], src_ref, rows_ref, out_ref, used_ref, bk, gather, group, e_b >= 0)
+    _row_block(b, -1 - e_b, *sets[1], src_ref, rows_ref, out_ref, used_ref, bk, gather, group, e_b < 0)
   else:
     _row_block(b, e_b, *sets[0], src_ref, rows_ref, out_ref, used_ref, bk, gather, group, True)
 
@@ -251,7 +260,7 @@ def _row_block_call(name, rows, expert_Q, used, weights, out_cols, *, block_rows
   ``rows`` is the padded ``[P, K]`` row array, or with ``src_P`` the ``[T, K]``
   token rows that padded row p reads as ``rows[src_P[p]]``. ``weights`` are
   arrays, or all ``quant.Int8Weight``s of one group size; ``shared_weights``
-  (optional) the shared expert's, ``[1, ...]``, read by ``SHARED_BLOCK`` blocks.
+  (optional) a stack of shared experts' ``[n, ...]``, read by the blocks of negative id.
   """
   interpret = _interpret(interpret)
   K = rows.shape[1]
@@ -298,8 +307,8 @@ def grouped_swiglu(x_TD, src_P, expert_Q, used, w_gate_EDF, w_up_EDF, *, block_r
   """Kernel A: ``h [P, F] = silu(xs @ Wg[e]) * (xs @ Wu[e])`` per row block, in x's dtype.
 
   ``xs[p] = x_TD[src_P[p]]`` (the padded, expert-sorted rows) is gathered
-  inside the kernel. ``shared``: the shared expert's (gate, up) ``[1, D, F]``
-  for the ``SHARED_BLOCK`` blocks.
+  inside the kernel. ``shared``: shared experts' (gate, up) ``[n, D, F]`` for
+  the blocks of negative id.
   """
   F = w_gate_EDF.shape[2]
   return _row_block_call("moe_gate_up", x_TD, expert_Q, used, (w_gate_EDF, w_up_EDF), F, block_rows=block_rows,
@@ -343,7 +352,7 @@ def shared_expert_pallas(x_TD, w_gate_DC, w_up_DC, w_down_CD, *, block_rows=16, 
 
 def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, block_rows=16, interpret=None,
                    gate_up_tiles: Tiles | None = None, down_tiles: Tiles | None = None, num_experts=None,
-                   expert_offset=0, valid_TX=None, shared=None):
+                   expert_offset=0, valid_TX=None, shared=None, shared_index=0):
   """Routed-expert output [T, D], same contract as ``moe.experts_dense``.
 
   Expert weights are cast to x's dtype, matmuls accumulate in fp32, SwiGLU
@@ -360,11 +369,11 @@ def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, bloc
   pairs whose experts live on other devices that way.
 
   ``shared`` (optional): the shared expert's ``(gate [D, F], up [D, F],
-  down [F, D])``, the routed experts' width and kind (arrays or int8). Its
-  output is added to the result (in fp32) and it runs inside the same two
-  kernels: every token gets a row in ``ceil(T / block_rows)`` extra row blocks
-  placed first, which read the shared weights (no extra launches, and its
-  few programs fill the routed experts' waves instead of running alone).
+  down [F, D])``, the routed experts' width and kind (arrays or int8), or
+  stacks of them ``[n, ...]`` of which ``shared_index`` (traced is fine) is
+  this layer's, read in place. Its output is added (in fp32); it runs in the
+  same two kernels as ``ceil(T / block_rows)`` row blocks placed first (no
+  extra launches or weight copies; its programs fill the routed waves).
   """
   interpret = _interpret(interpret)
   dtype = x_TD.dtype
@@ -373,11 +382,11 @@ def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, bloc
     raise ValueError(f"block_rows must be a power of two >= 16 on the GPU, got {block_rows}")
   # The barrier keeps the layout materialised: otherwise XLA fuses its computation into the combine's
   # gather and recomputes it for every output element (measured: +15 us per layer at batch 1).
-  layout = jax.lax.optimization_barrier(block_layout(idx_TX, E, block_rows, valid_TX=valid_TX))
-  layout["expert"] = layout["expert"] + expert_offset
-  one = None
-  if shared is not None:
-    layout, one = _with_shared_blocks(layout, x_TD.shape[0], block_rows), _one_expert(shared)
+  one = None if shared is None else _one_expert(shared) if shared[0].ndim == 2 else tuple(shared)
+  lead = 0 if shared is None else -(-x_TD.shape[0] // block_rows)  # the shared expert's blocks: every token
+  layout = jax.lax.optimization_barrier(block_layout(
+      idx_TX, E, block_rows, valid_TX=valid_TX, expert_offset=expert_offset, lead_blocks=lead,
+      lead_id=shared_block_id(shared_index)))
   kw = dict(block_rows=block_rows, interpret=interpret)
   h_PF = grouped_swiglu(x_TD, layout["src"], layout["expert"], layout["used"], w_gate_EDF, w_up_EDF, tiles=gate_up_tiles,
                         shared=one and one[:2], **kw)
@@ -396,18 +405,6 @@ def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, bloc
 def _one_expert(weights):
   """``[..]`` weights (arrays or ``quant.Int8Weight``s) as a one-expert ``[1, ..]`` stack."""
   return tuple(jax.tree.map(lambda a: a[None], w) for w in weights)
-
-
-def _with_shared_blocks(layout, T: int, block_rows: int):
-  """``layout`` with ``ceil(T / block_rows)`` shared-expert row blocks put first (token t at row t)."""
-  S = -(-T // block_rows)
-  rows = jnp.arange(S * block_rows, dtype=jnp.int32)
-  return dict(
-      pos=layout["pos"] + S * block_rows,
-      src=jnp.concatenate([jnp.minimum(rows, T), layout["src"]]),
-      expert=jnp.concatenate([jnp.full((S,), SHARED_BLOCK, jnp.int32), layout["expert"]]),
-      used=layout["used"] + S,
-  )
 
 
 def experts_pallas_expert_parallel(x_TD, idx_TX, w_TX, w_gate_LEDF, w_up_LEDF, w_down_LEFD, layer, *,
