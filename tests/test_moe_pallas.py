@@ -198,3 +198,57 @@ def test_pallas_reads_the_shared_expert_of_its_layer_from_a_stack():
     want = moe_pallas.experts_pallas(x, idx, w, *routed, interpret=True, shared=tuple(a[i] for a in stack))
     np.testing.assert_array_equal(np.asarray(f(i)), np.asarray(want))
   assert not np.allclose(np.asarray(f(0)), np.asarray(f(1)))
+
+
+LAYOUT_CASES = [  # (T, X, E, block_rows, lead blocks, ids): the kernel's sizes, M a multiple of 64
+    (32, 8, 256, 16, 2, "random"),  # LLaDA-2.0-mini at batch 1, the shared expert's two blocks first
+    (64, 8, 256, 16, 0, "random"),  # batch 2, no shared blocks
+    (16, 4, 8, 16, 1, "random"),  # 8 rows per expert on average: partial blocks
+    (32, 4, 16, 8, 3, "few"),  # experts 0-4 only: several blocks each, most experts empty
+    (64, 1, 8, 16, 2, "one"),  # every pair on expert 2: four full blocks
+]
+
+
+@pytest.mark.parametrize("T,X,E,block_rows,lead,ids", LAYOUT_CASES)
+def test_layout_kernel_equals_block_layout(T, X, E, block_rows, lead, ids):
+  """``moe_layout.block_layout_kernel`` (interpret mode) against ``block_layout``: every output, bit for bit."""
+  from dmax_jax.model.kernels import moe_layout  # pylint: disable=import-outside-toplevel
+
+  key = jax.random.key(T * 7 + lead)
+  idx = {"random": lambda: _random_ids(key, T, X, E), "few": lambda: _random_ids(key, T, X, 5),
+         "one": lambda: jnp.full((T, X), 2, jnp.int32)}[ids]()
+  where = dict(expert_offset=jnp.int32(40), lead_blocks=lead, lead_id=jnp.int32(-2))
+  want = moe_pallas.block_layout(idx, E, block_rows, **where)
+  Q = moe_pallas.num_row_blocks(T * X, E, block_rows) + lead
+  got = jax.jit(lambda i: moe_layout.block_layout_kernel(i, E, block_rows, num_blocks=Q, interpret=True, **where))(idx)
+  for k in ("pos", "src", "used"):
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+  np.testing.assert_array_equal(np.asarray(got["expert"])[:Q], np.asarray(want["expert"]))
+  assert got["expert"].shape[0] % moe_layout.CHUNK == 0 and got["expert"].shape[0] >= Q
+
+
+def test_pallas_with_the_layout_kernel_equals_the_xla_layout():
+  """``experts_pallas(layout_kernel=True)``, the shared expert in its kernels: the same output as the XLA layout."""
+  x, _, w = _case("random", 16, 4, 16)
+  idx = _random_ids(jax.random.key(3), 16, 4, 16)
+  routed = _weights(jax.random.key(4), 16, 64, 32)
+  shared = tuple(a[0] for a in _weights(jax.random.key(5), 1, 64, 32))
+  run = lambda k: moe_pallas.experts_pallas(x, idx, w, *routed, interpret=True, shared=shared, layout_kernel=k)  # pylint: disable=unnecessary-lambda-assignment
+  np.testing.assert_array_equal(np.asarray(run(True)), np.asarray(run(False)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [32, 64])
+def test_layout_kernel_compiled_equals_block_layout_gpu(T):
+  """The layout kernel compiled by Triton, LLaDA-2.0-mini routing sizes, against the XLA layout."""
+  from dmax_jax.model.kernels import moe_layout  # pylint: disable=import-outside-toplevel
+
+  E, X, bm = 256, 8, 16
+  idx = _random_ids(jax.random.key(T), T, X, E)
+  where = dict(expert_offset=jnp.int32(512), lead_blocks=-(-T // bm), lead_id=jnp.int32(-4))
+  want = jax.jit(lambda i: moe_pallas.block_layout(i, E, bm, **where))(idx)
+  Q = moe_pallas.num_row_blocks(T * X, E, bm) + where["lead_blocks"]
+  got = jax.jit(lambda i: moe_layout.block_layout_kernel(i, E, bm, num_blocks=Q, **where))(idx)
+  for k in ("pos", "src", "used"):
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+  np.testing.assert_array_equal(np.asarray(got["expert"])[:Q], np.asarray(want["expert"]))
