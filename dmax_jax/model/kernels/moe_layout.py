@@ -59,7 +59,7 @@ def _layout_kernel(ids_ref, lead_id_ref, offset_ref, fill_ref, pos_ref, src_ref,
       same = (chunk(ids_ref, j)[None, :] == ids_i[:, None]) & ((j * c + iota((c, c), 1)) < pair_i[:, None])
       return within + jnp.sum(same.astype(jnp.int32), axis=1)
 
-    within = jax.lax.fori_loop(0, ids_ref.shape[0] // c, earlier, jnp.zeros((c,), jnp.int32))  # static bounds
+    within = jax.lax.fori_loop(0, k + 1, earlier, jnp.zeros((c,), jnp.int32))
     start = jnp.sum(jnp.where(ids_i[:, None] == iota((c, E), 1), start_E[None, :], 0), axis=1)
     pos = start * bm + within
     pos_ref[pl.ds(pl.multiple_of(k * c, c), c)] = pos
