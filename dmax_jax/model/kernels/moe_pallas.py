@@ -56,7 +56,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dmax_jax.model import quant
-from dmax_jax.model.kernels import moe_layout
 from dmax_jax.model.config import accum_dtype
 
 
@@ -353,7 +352,7 @@ def shared_expert_pallas(x_TD, w_gate_DC, w_up_DC, w_down_CD, *, block_rows=16, 
 
 def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, block_rows=16, interpret=None,
                    gate_up_tiles: Tiles | None = None, down_tiles: Tiles | None = None, num_experts=None,
-                   expert_offset=0, valid_TX=None, shared=None, shared_index=0, layout_kernel=None):
+                   expert_offset=0, valid_TX=None, shared=None, shared_index=0):
   """Routed-expert output [T, D], same contract as ``moe.experts_dense``.
 
   Expert weights are cast to x's dtype, matmuls accumulate in fp32, SwiGLU
@@ -375,18 +374,19 @@ def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, bloc
   this layer's, read in place. Its output is added (in fp32); it runs in the
   same two kernels as ``ceil(T / block_rows)`` row blocks placed first (no
   extra launches or weight copies; its programs fill the routed waves).
-  ``layout_kernel``: the row layout by ``moe_layout``'s one kernel (None: where
-  it applies, compiled); False: by XLA (``block_layout``).
   """
   interpret = _interpret(interpret)
   dtype = x_TD.dtype
   E = num_experts or w_gate_EDF.shape[0]
   if not interpret and (block_rows < 16 or block_rows & (block_rows - 1)):
     raise ValueError(f"block_rows must be a power of two >= 16 on the GPU, got {block_rows}")
+  # The barrier keeps the layout materialised: otherwise XLA fuses its computation into the combine's
+  # gather and recomputes it for every output element (measured: +15 us per layer at batch 1).
   one = None if shared is None else _one_expert(shared) if shared[0].ndim == 2 else tuple(shared)
   lead = 0 if shared is None else -(-x_TD.shape[0] // block_rows)  # the shared expert's blocks: every token
-  layout = _layout(idx_TX, E, block_rows, valid_TX, interpret, layout_kernel, expert_offset=expert_offset,
-                   lead_blocks=lead, lead_id=shared_block_id(shared_index))
+  layout = jax.lax.optimization_barrier(block_layout(
+      idx_TX, E, block_rows, valid_TX=valid_TX, expert_offset=expert_offset, lead_blocks=lead,
+      lead_id=shared_block_id(shared_index)))
   kw = dict(block_rows=block_rows, interpret=interpret)
   h_PF = grouped_swiglu(x_TD, layout["src"], layout["expert"], layout["used"], w_gate_EDF, w_up_EDF, tiles=gate_up_tiles,
                         shared=one and one[:2], **kw)
@@ -400,17 +400,6 @@ def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, bloc
   if shared is not None:
     y_TD = y_TD + y_PD[:x_TD.shape[0]].astype(wide)  # the shared blocks' rows: token t at row t
   return y_TD.astype(dtype)
-
-
-def _layout(idx_TX, E, block_rows, valid_TX, interpret, layout_kernel, **where):
-  """``block_layout`` by ``moe_layout``'s kernel (``layout_kernel``; None: compiled, where it applies) or by XLA."""
-  if layout_kernel is None:
-    layout_kernel = not interpret and valid_TX is None and moe_layout.supported(idx_TX.size, E)
-  if layout_kernel:
-    Q = num_row_blocks(idx_TX.size, E, block_rows) + where["lead_blocks"]
-    return moe_layout.block_layout_kernel(idx_TX, E, block_rows, num_blocks=Q, interpret=interpret, **where)
-  # The barrier keeps it materialised: XLA would recompute it inside the combine's gather (+15 us per layer).
-  return jax.lax.optimization_barrier(block_layout(idx_TX, E, block_rows, valid_TX=valid_TX, **where))
 
 
 def _one_expert(weights):
