@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import dmax_jax
-from dmax_jax.model import moe
+from dmax_jax.model import moe, quant
 from dmax_jax.model.kernels import moe_pallas
 from conftest import with_numerics
 
@@ -162,8 +162,6 @@ def _numpy_swiglu_expert(x, wg, wu, wd):
 @pytest.mark.parametrize("T,block_rows", [(5, 16), (19, 8)])  # one partial shared block; three blocks, the last partial
 def test_pallas_with_the_shared_expert_in_its_kernels(T, block_rows, int8):
   """``shared=``: the shared expert's blocks run first in the same kernels; routed + shared against NumPy float64."""
-  from dmax_jax.model import quant  # pylint: disable=import-outside-toplevel
-
   x, idx, w = _case("random", T, 3, 8, seed=7)
   routed = _weights(jax.random.key(8), 8, 64, 32)
   shared = tuple(a[0] for a in _weights(jax.random.key(9), 1, 64, 32))

@@ -414,10 +414,9 @@ def _routed(p, x_TD, idx_TX, w_TX, cfg: ModelConfig, whole, layer):
     raise ValueError(f"unknown moe_backend {cfg.moe_backend!r}")
   from dmax_jax.model.kernels import moe_pallas  # pylint: disable=import-outside-toplevel
 
-  if whole is None:  # one layer's [E, ...] experts (and its shared expert)
-    one = lambda ws: tuple(jax.tree.map(lambda a: a[None], w) for w in ws)  # pylint: disable=unnecessary-lambda-assignment
-    shared = one(p[k] for k in SHARED_WEIGHTS) if _shared_merges(p, cfg, p["w_gate"]) else None
-    whole, layer = ("stacked", one(p[k] for k in EXPERT_WEIGHTS), shared), 0
+  if whole is None:  # one layer's [E, ...] experts (and its shared expert, unstacked: experts_pallas takes both)
+    shared = tuple(p[k] for k in SHARED_WEIGHTS) if _shared_merges(p, cfg, p["w_gate"]) else None
+    whole, layer = ("stacked", tuple(jax.tree.map(lambda a: a[None], p[k]) for k in EXPERT_WEIGHTS), shared), 0
   kind, weights, shared = whole
   if kind == "stacked" and expert_parallel_size() > 1:
     return moe_pallas.experts_pallas_expert_parallel(x_TD, idx_TX, w_TX, *weights, layer), False

@@ -51,7 +51,7 @@ class Int8Weight:
   values: Any
   scale: Any
 
-  shape = property(lambda self: tuple(self.values.shape[:-2]) + (self.values.shape[-1], self.values.shape[-2]))
+  shape = property(lambda self: values_shape(self.values.shape))  # the swap of the last two axes undoes itself
   ndim = property(lambda self: len(self.values.shape))
 
   @property

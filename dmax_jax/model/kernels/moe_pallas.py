@@ -40,9 +40,9 @@ partial products by the scales, so no dequantized weight is ever written to
 memory. The int8 values are stored ``[E, N, K]`` (K contiguous): with the
 tile ``[tn, bk]`` contracted on its last axis, Triton builds the MMA's weight
 operand from it 25% faster than from a ``[bk, tn]`` tile of ``[E, K, N]``
-values (one H200; BENCHMARKS.md). Per-output-channel scales multiply the accumulator once at the end;
-per-group scales (``group`` rows of K each) multiply each chunk's partial
-product, the chunk being cut to at most one group. ``shared_expert_pallas``
+values (one H200; BENCHMARKS.md). Per-output-channel scales multiply the
+accumulator once at the end; per-group scales (``group`` rows of K each)
+multiply each chunk's partial product, the chunk being cut to at most one group. ``shared_expert_pallas``
 runs the shared expert through the same kernels (every token to one expert).
 """
 
@@ -380,10 +380,10 @@ def experts_pallas(x_TD, idx_TX, w_TX, w_gate_EDF, w_up_EDF, w_down_EFD, *, bloc
   E = num_experts or w_gate_EDF.shape[0]
   if not interpret and (block_rows < 16 or block_rows & (block_rows - 1)):
     raise ValueError(f"block_rows must be a power of two >= 16 on the GPU, got {block_rows}")
-  # The barrier keeps the layout materialised: otherwise XLA fuses its computation into the combine's
-  # gather and recomputes it for every output element (measured: +15 us per layer at batch 1).
   one = None if shared is None else _one_expert(shared) if shared[0].ndim == 2 else tuple(shared)
   lead = 0 if shared is None else -(-x_TD.shape[0] // block_rows)  # the shared expert's blocks: every token
+  # The barrier keeps the layout materialised: otherwise XLA fuses its computation into the combine's
+  # gather and recomputes it for every output element (measured: +15 us per layer at batch 1).
   layout = jax.lax.optimization_barrier(block_layout(
       idx_TX, E, block_rows, valid_TX=valid_TX, expert_offset=expert_offset, lead_blocks=lead,
       lead_id=shared_block_id(shared_index)))
