@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 MODEL_TYPES = ("llada2_moe", "llada2_moe_veomni")
 MOE_BACKENDS = ("grouped", "dense", "pallas")
-ATTENTIONS = ("xla", "cudnn", "tokamax")
+ATTENTIONS = ("xla", "cudnn", "tokamax", "pallas")
 ROUTINGS = ("learned", "uniform")
 
 
@@ -110,7 +110,9 @@ class ModelConfig:
   scan_layers: bool = True  # lax.scan over stacked layers; False = Python loop (tests only)
   remat: bool = False  # rematerialise each layer in the backward pass
   routing: str = "learned"  # "learned" (the router), "uniform" (random top-k: benchmarks force a balanced load)
-  attention: str = "xla"  # "xla" (einsum + fp32 softmax), "cudnn" or "tokamax" (fused flash attention on NVIDIA GPUs in bf16, else xla)
+  # "xla" (einsum + fp32 softmax), "cudnn" or "tokamax" (fused flash attention on NVIDIA GPUs in bf16, else xla),
+  # "pallas" (the cached forward's attention as one kernel reading the cache stack in place; else xla)
+  attention: str = "xla"
 
   def __post_init__(self):
     if self.moe_backend not in MOE_BACKENDS:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmax_jax.model import moe
+from dmax_jax.model.kernels import attention_pallas
 from dmax_jax.model.config import ModelConfig, accum_dtype
 
 _NEG = jnp.finfo(jnp.float32).min
@@ -143,9 +144,11 @@ def _attention(p, x_BLD, positions_BL, cfg: ModelConfig, mask, kv):
     at = _index(layer, 0, start, 0, 0)
     k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], at)
     v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], at)
-    k, v = k_cache[layer], v_cache[layer]
     new_kv = (k_cache, v_cache)
-    k, v = k.astype(dtype), v.astype(dtype)
+    if cfg.attention == "pallas" and not isinstance(mask, HalvesMask) and attention_pallas.supported(q, k_cache):
+      out = attention_pallas.cached_attention(q, k_cache, v_cache, layer, mask)  # the cache read in place
+      return out.reshape(B, L, H * R) @ p["o"].astype(dtype), new_kv
+    k, v = k_cache[layer].astype(dtype), v_cache[layer].astype(dtype)
   if isinstance(mask, HalvesMask):
     L1 = mask.first.shape[1]
     out = jnp.concatenate([attend(q[:, :L1], k, v, mask.first, cfg.attention),
