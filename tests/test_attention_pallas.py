@@ -37,13 +37,14 @@ def _case(B, L, H, G, R, S, N, seed=0):
   return q, k, v, mask
 
 
-@pytest.mark.parametrize("L, block_s", [(16, 16), (20, 8), (3, 64)])  # one block; padded queries; one key chunk
-def test_kernel_equals_numpy_reference(L, block_s):
+@pytest.mark.parametrize("L, block_s, splits", [(16, 16, 1), (20, 8, 1), (3, 64, 1), (20, 8, 4), (16, 64, 2)])
+def test_kernel_equals_numpy_reference(L, block_s, splits):
+  """One query block or padded ones; several key chunks or one; keys split over programs or not."""
   B, H, G, R, S, N = 2, 4, 2, 16, 64, 3
   q, k, v, mask = _case(B, L, H, G, R, S, N)
   with jax.enable_x64(True):
     got = attention_pallas.cached_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.int32(2),
-                                            jnp.asarray(mask), block_s=block_s)
+                                            jnp.asarray(mask), block_s=block_s, key_splits=splits)
     assert got.shape == (B, L, H, R) and got.dtype == jnp.float64
   np.testing.assert_allclose(np.asarray(got), _numpy_attention(q, k[2], v[2], mask), rtol=1e-12, atol=1e-12)
 
@@ -87,13 +88,14 @@ def test_cached_forward_with_the_kernel_equals_xla(tiny, golden):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B", [1, 8])
-def test_kernel_bf16_mini_shapes_gpu(B):
+@pytest.mark.parametrize("B, splits", [(1, 1), (1, 4), (8, 2)])
+def test_kernel_bf16_mini_shapes_gpu(B, splits):
   """LLaDA-2.0-mini's attention (16 heads, 4 groups, head_dim 128) over a 512-key cache, bf16: close to XLA's."""
   L, H, G, R, S, N = 32, 16, 4, 128, 512, 3
   q, k, v, mask = _case(B, L, H, G, R, S, N, seed=1)
   bf = lambda a: jnp.asarray(a, jnp.bfloat16)
-  got = jax.jit(attention_pallas.cached_attention)(bf(q), bf(k), bf(v), jnp.int32(1), jnp.asarray(mask))
+  run = jax.jit(lambda *a: attention_pallas.cached_attention(*a, key_splits=splits))
+  got = run(bf(q), bf(k), bf(v), jnp.int32(1), jnp.asarray(mask))
   want = _numpy_attention(np.asarray(bf(q), np.float64), np.asarray(bf(k[1]), np.float64),
                           np.asarray(bf(v[1]), np.float64), mask)
   xla = transformer.attend(bf(q), bf(k[1]), bf(v[1]), jnp.asarray(mask))

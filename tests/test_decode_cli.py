@@ -260,8 +260,9 @@ def test_resume_keys_on_every_setting(tmp_path, ckpt, capsys):
   assert run().startswith("2 prompts decoded (0 already done, 0 failed)")
   assert run().startswith("0 prompts decoded (2 already done, 0 failed)")
   copy = shutil.copytree(ckpt, tmp_path / "same_weights_elsewhere")
-  changes = (["--threshold", "0.7"], ["--confidence-stop", "0.8"], ["--seed", "1"],
-             ["--checkpoint", str(copy)], ["--math"])  # all but the last reuse the compiled program
+  assert run("--kernels", "xla").startswith("0 prompts decoded (2 already done")  # what auto picks on the CPU
+  changes = (["--threshold", "0.7"], ["--confidence-stop", "0.8"], ["--seed", "1"], ["--kernels", "pallas"],
+             ["--checkpoint", str(copy)], ["--math"])  # --kernels and --math compile programs of their own
   for changed in changes:
     assert run(*changed).startswith("2 prompts decoded (0 already done, 0 failed)"), changed
   records = read_records(str(out))

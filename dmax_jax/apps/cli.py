@@ -32,6 +32,8 @@ def add_decoding_args(p: argparse.ArgumentParser):
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
   p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
   p.add_argument("--dtype", default="float32", choices=sorted(runner.DTYPES), help="params and compute dtype")
+  p.add_argument("--kernels", default="auto", choices=("auto",) + tuple(runner.KERNELS),
+                 help="MoE and attention kernels: pallas (GPU decoding kernels), xla; auto (default): pallas on a GPU")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -117,7 +119,7 @@ def _decode(args) -> int:
   if args.trace:
     check_writable(args.trace)
   with RecordWriter(args.output, runner.KEY_FIELDS, stream=sys.stdout) as writer:  # checked before the model loads
-    config, params, tokenizer = runner.load_model(args.checkpoint, args.dtype)
+    config, params, tokenizer = runner.load_model(args.checkpoint, args.dtype, args.kernels)
     notes = []
     if args.input is not None:
       requests, errors = runner.read_prompts(args.input, tokenizer, args.math, notes)
@@ -139,7 +141,7 @@ def _decode(args) -> int:
     requests, too_long = runner.check_prompts(requests, config, args.gen_length, args.block_length)
     errors += too_long
     report_errors(errors)
-    settings = dict(runner.checkpoint_settings(args.checkpoint, args.dtype, args.seed), records=args.records)
+    settings = dict(runner.checkpoint_settings(args.checkpoint, args.dtype, args.seed, args.kernels), records=args.records)
     result = runner.run(
         requests, params=params, config=config, tokenizer=tokenizer, strategy=strategy, gen_length=args.gen_length,
         block_length=args.block_length, batch_size=args.batch_size, writer=writer, trace=bool(args.trace),

@@ -121,7 +121,7 @@ class Evaluation:
 
 def evaluate(*, checkpoint: str, data: str, output: str, strategies: Sequence, report: Optional[str] = None,
              gen_length: int = 256, block_length: int = 32, batch_size: int = 8, dtype: str = "float32",
-             seed: int = 0, limit: Optional[int] = None, progress: bool = True) -> Evaluation:
+             kernels: str = "auto", seed: int = 0, limit: Optional[int] = None, progress: bool = True) -> Evaluation:
   """Decodes every question of ``data`` under each strategy (``decoding`` strategy objects) into ``output``
   (resumed) and writes the report to ``report`` (default: ``output``'s stem) unless nothing could be decoded.
 
@@ -138,7 +138,7 @@ def evaluate(*, checkpoint: str, data: str, output: str, strategies: Sequence, r
     check_writable(path)
   run = dict(gen_length=gen_length, block_length=block_length)
   with RecordWriter(output, runner.KEY_FIELDS) as writer:  # checked before the model loads
-    config, params, tokenizer = runner.load_model(checkpoint, dtype)
+    config, params, tokenizer = runner.load_model(checkpoint, dtype, kernels)
     notes = []
     questions, errors = read_gsm8k(data, tokenizer, limit, notes)
     requests, too_long = runner.check_prompts(questions, config, gen_length, block_length)
@@ -148,7 +148,7 @@ def evaluate(*, checkpoint: str, data: str, output: str, strategies: Sequence, r
                     f"{too_long[0]}")
       return result
     errors += too_long
-    key = runner.checkpoint_settings(checkpoint, dtype, seed)
+    key = runner.checkpoint_settings(checkpoint, dtype, seed, kernels)
     for strategy in strategies:
       out = runner.run(requests, params=params, config=config, tokenizer=tokenizer, strategy=strategy,
                        batch_size=batch_size, writer=writer, seed=seed, progress=progress, annotate=score,
@@ -213,7 +213,7 @@ def _evaluate(args) -> int:
                 for s in names for t in _floats(args.thresholds, "--thresholds")]
   result = evaluate(checkpoint=args.checkpoint, data=args.data, output=args.output, strategies=strategies,
                     report=args.report, gen_length=args.gen_length, block_length=args.block_length,
-                    batch_size=args.batch_size, dtype=args.dtype, seed=args.seed, limit=args.limit,
+                    batch_size=args.batch_size, dtype=args.dtype, kernels=args.kernels, seed=args.seed, limit=args.limit,
                     progress=not args.no_progress)
   cli.report_notes(result.notes)
   cli.report_errors(result.errors)

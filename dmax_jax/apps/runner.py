@@ -51,6 +51,17 @@ from dmax_jax.tokenizer import MATH_SUFFIX, ChatTemplateError, TokenizerError, l
 
 PROMPT_FIELDS = ("question", "messages", "prompt")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# --kernels: the decoding forward's MoE backend and attention ("auto": the Pallas kernels on a GPU, XLA elsewhere)
+KERNELS = {"xla": {}, "pallas": {"moe_backend": "pallas", "attention": "pallas"}}
+
+
+def resolve_kernels(kernels: str) -> str:
+  """``auto`` -> ``pallas`` on a GPU backend, else ``xla``; other names are checked."""
+  if kernels == "auto":
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+  if kernels not in KERNELS:
+    raise UsageError(f"--kernels must be auto or one of {', '.join(KERNELS)}, got {kernels!r}")
+  return kernels
 
 
 class UsageError(ValueError):
@@ -218,20 +229,22 @@ def check_prompts(requests: Sequence[Request], config, gen_length: int, block_le
 
 # ---------------------------------------------------------------- model
 
-def load_model(path: str, dtype: str = "float32"):
+def load_model(path: str, dtype: str = "float32", kernels: str = "xla"):
   """(config, params, tokenizer) of a checkpoint directory.
 
   A converted (Orbax) checkpoint or a Hugging Face directory
   (``dmax_jax.checkpoints.converted.load_any``). Params are cast to ``dtype``, which is
-  also the compute dtype.
+  also the compute dtype; ``kernels`` (a ``KERNELS`` name, or ``auto``) picks the forward's
+  MoE backend and attention.
   """
+  numerics = KERNELS[resolve_kernels(kernels)]
   if dtype not in DTYPES:
     raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
   if not os.path.isdir(path):
     raise UsageError(f"{path}: no such checkpoint directory")
   try:
     tokenizer = load_tokenizer(path)
-    config, params = checkpoint.load_any(path, dtype=DTYPES[dtype], compute_dtype=dtype)
+    config, params = checkpoint.load_any(path, dtype=DTYPES[dtype], compute_dtype=dtype, **numerics)
   except (CheckpointError, ConfigError, TokenizerError) as e:
     raise UsageError(str(e)) from None
   return config, params, tokenizer
@@ -276,10 +289,15 @@ def checkpoint_fingerprint(path: str) -> str:
   return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
-def checkpoint_settings(path: str, dtype: str, seed: int) -> dict:
-  """The run-level settings that change a generation besides the strategy and the lengths."""
+def checkpoint_settings(path: str, dtype: str, seed: int, kernels: str = "xla") -> dict:
+  """The run-level settings that change a generation besides the strategy and the lengths.
+
+  ``kernels`` (resolved) changes the rounding, so the Pallas kernels' records are keyed apart; XLA's
+  records keep the keys they had before the setting existed.
+  """
+  kernels = resolve_kernels(kernels)
   return {"checkpoint": os.path.abspath(path), "checkpoint_fingerprint": checkpoint_fingerprint(path),
-          "dtype": dtype, "seed": seed}
+          "dtype": dtype, "seed": seed, **({} if kernels == "xla" else {"kernels": kernels})}
 
 
 def decoding_settings(strategy, gen_length: int, block_length: int, settings: Optional[dict] = None) -> dict:

@@ -35,6 +35,7 @@ from dmax_jax.model.config import accum_dtype
 _NEG = float(jnp.finfo(jnp.float32).min)
 BLOCK_Q = 16  # queries per program (Triton's dot needs >= 16 rows)
 BLOCK_S = 128  # keys per online-softmax step
+KEY_SPLITS = 1  # key runs per (row, head, query block), each by its own program
 NUM_WARPS = 4
 NUM_STAGES = 2
 
@@ -65,21 +66,25 @@ def supported(q_BLHR, k_cache_NBSGR, interpret=None) -> bool:
           and R >= 16 and R & (R - 1) == 0 and S % 16 == 0)
 
 
-def _kernel(layer_ref, q_ref, k_ref, v_ref, mask_ref, out_ref, *, block_q, block_s, group_size, precision):
-  """One (batch row, head, query block): online softmax over the cache's key chunks."""
-  b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _kernel(layer_ref, q_ref, k_ref, v_ref, mask_ref, *out_refs, block_q, block_s, splits, group_size, precision):
+  """One (batch row, head, query block, key split): online softmax over the split's key chunks.
+
+  One split: writes the attention output. Several: writes the split's
+  normalised output (fp32) and its log-sum-exp, which ``_combine`` merges.
+  """
+  b, h, i, c = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
   g = h // group_size
   layer = layer_ref[0]
   R = q_ref.shape[-1]
-  S = k_ref.shape[2]
+  span = k_ref.shape[2] // splits  # keys per split
   acc_t = accum_dtype(q_ref.dtype)
   rows = pl.ds(pl.multiple_of(i * block_q, block_q), block_q)
   q = q_ref[b, rows, h, :]
   scale = R**-0.5
 
-  def body(c, carry):
+  def body(j, carry):
     m, total, acc = carry
-    keys = pl.ds(pl.multiple_of(c * block_s, block_s), block_s)
+    keys = pl.ds(pl.multiple_of(c * span + j * block_s, block_s), block_s)
     k = k_ref[layer, b, keys, g, :].astype(q.dtype)
     s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=acc_t, precision=precision)
     s = jnp.where(mask_ref[b, rows, keys], s * scale, _NEG)
@@ -91,44 +96,62 @@ def _kernel(layer_ref, q_ref, k_ref, v_ref, mask_ref, out_ref, *, block_q, block
     return m_new, total * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
 
   init = (jnp.full((block_q,), _NEG, acc_t), jnp.zeros((block_q,), acc_t), jnp.zeros((block_q, R), acc_t))
-  _, total, acc = jax.lax.fori_loop(0, S // block_s, body, init)
-  out_ref[b, rows, h, :] = (acc / total[:, None]).astype(out_ref.dtype)
+  m, total, acc = jax.lax.fori_loop(0, span // block_s, body, init)
+  out = acc / total[:, None]
+  if len(out_refs) == 1:
+    out_refs[0][b, rows, h, :] = out.astype(out_refs[0].dtype)
+  else:
+    out_refs[0][c, b, rows, h, :] = out
+    out_refs[1][c, b, rows, h] = m + jnp.log(total)
+
+
+def _combine(part_CBLHR, lse_CBLH, dtype):
+  """The splits' outputs weighted by their share of the softmax mass (fp32)."""
+  w = jnp.exp(lse_CBLH - jnp.max(lse_CBLH, axis=0, keepdims=True))
+  return (jnp.sum(part_CBLHR * w[..., None], axis=0) / jnp.sum(w, axis=0)[..., None]).astype(dtype)
 
 
 def cached_attention(q_BLHR, k_cache_NBSGR, v_cache_NBSGR, layer, mask_BLS, *, block_q=BLOCK_Q, block_s=BLOCK_S,
-                     num_warps=NUM_WARPS, num_stages=NUM_STAGES, interpret=None):
+                     key_splits=KEY_SPLITS, num_warps=NUM_WARPS, num_stages=NUM_STAGES, interpret=None):
   """Grouped-query attention of ``q`` over layer ``layer`` (traced is fine) of a cache stack -> [B, L, H, R].
 
   ``mask_BLS[b, l, s]``: query l of row b sees key s. Same contract as
   ``transformer.attend(q, k_cache[layer], v_cache[layer], mask)`` up to
   rounding, without copying the layer's cache out of the stack. The query
   length is padded to a multiple of ``block_q`` (padding rows are dropped);
-  ``block_s`` is cut to a power of two dividing the cache length.
+  the keys are cut into ``key_splits`` runs by separate programs (at most
+  the number that leaves each a power-of-two multiple of 16 keys), each in
+  ``block_s`` chunks.
   """
   interpret = _interpret(interpret)
   B, L, H, R = q_BLHR.shape
   G, S = k_cache_NBSGR.shape[3], k_cache_NBSGR.shape[2]
-  block_s = _pow2_at_most(S, block_s)
+  splits = _pow2_at_most(S // 16, key_splits) if S % 16 == 0 else 1
+  block_s = _pow2_at_most(S // splits, block_s)
   pad = -L % block_q
   if pad:
     q_BLHR = jnp.pad(q_BLHR, ((0, 0), (0, pad), (0, 0), (0, 0)))
     mask_BLS = jnp.pad(mask_BLS, ((0, 0), (0, pad), (0, 0)))
-  precision = jax.lax.Precision.HIGHEST if q_BLHR.dtype == jnp.float32 else None
-  params = None
-  if not interpret:
-    from jax.experimental.pallas import triton as pltriton  # pylint: disable=import-outside-toplevel
-
-    params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-  kernel = functools.partial(_kernel, block_q=block_q, block_s=block_s, group_size=H // G, precision=precision)
-  whole = pl.BlockSpec()  # whole arrays: the kernel indexes them
-  out = pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct(q_BLHR.shape, q_BLHR.dtype),
-      grid=(B, H, q_BLHR.shape[1] // block_q),
-      in_specs=[whole] * 5,
-      out_specs=whole,
+  Lp = q_BLHR.shape[1]
+  wide = accum_dtype(q_BLHR.dtype)
+  out_shape = [jax.ShapeDtypeStruct(q_BLHR.shape, q_BLHR.dtype)] if splits == 1 else [
+      jax.ShapeDtypeStruct((splits, B, Lp, H, R), wide), jax.ShapeDtypeStruct((splits, B, Lp, H), wide)]
+  outs = pl.pallas_call(
+      functools.partial(_kernel, block_q=block_q, block_s=block_s, splits=splits, group_size=H // G,
+                        precision=jax.lax.Precision.HIGHEST if q_BLHR.dtype == jnp.float32 else None),
+      out_shape=out_shape,
+      grid=(B, H, Lp // block_q, splits),
+      in_specs=[pl.BlockSpec()] * 5,  # whole arrays: the kernel indexes them
+      out_specs=[pl.BlockSpec()] * len(out_shape),
       interpret=interpret,
-      compiler_params=params,
+      compiler_params=None if interpret else _triton_params(num_warps, num_stages),
       name="decode_attention",
   )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), q_BLHR, k_cache_NBSGR, v_cache_NBSGR, mask_BLS)
+  out = outs[0] if splits == 1 else _combine(*outs, q_BLHR.dtype)
   return out[:, :L] if pad else out
+
+
+def _triton_params(num_warps, num_stages):
+  from jax.experimental.pallas import triton as pltriton  # pylint: disable=import-outside-toplevel
+
+  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
