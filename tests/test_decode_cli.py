@@ -1,5 +1,6 @@
 """decode.py end to end on the tiny fixture model with a freshly trained 512-token tokenizer."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -14,6 +15,7 @@ import pytest
 
 from conftest import REPO, generate_as_cli_batches
 from dmax_jax import decoding
+from dmax_jax.apps import runner
 from dmax_jax.apps.cli import decode_main
 from dmax_jax.checkpoints.hf import load_hf_checkpoint
 from dmax_jax.apps.records import RecordWriter, read_records
@@ -59,12 +61,13 @@ def expected_ids(tok):
   }
 
 
-def test_decode_end_to_end_matches_generate(tmp_path, ckpt, model):
+def _decode_matches_generate(tmp_path, ckpt, model, kernels):
   cfg, params, tok = model
+  cfg = dataclasses.replace(cfg, **runner.KERNELS[kernels])
   inp = write_jsonl(tmp_path / "in.jsonl", GOOD)
   out = tmp_path / "out.jsonl"
   rc = decode_main(["--checkpoint", ckpt, "--input", inp, "--output", str(out), "--batch-size", "2", "--math",
-                    "--strategy", "threshold", "--threshold", "0.3", *GEN])
+                    "--strategy", "threshold", "--threshold", "0.3", "--kernels", kernels, *GEN])
   assert rc == 0
   records = read_records(str(out))
   assert sorted(map(str, (r["id"] for r in records))) == ["1", "chat", "fox"]
@@ -80,6 +83,16 @@ def test_decode_end_to_end_matches_generate(tmp_path, ckpt, model):
     assert rec["num_tokens"] == len(gen.tokens) and rec["tpf"] == pytest.approx(len(gen.tokens) / gen.nfe)
     assert rec["strategy"] == "threshold" and rec["threshold"] == 0.3 and rec["seconds"] > 0
   assert [r["prompt"] for r in records if r["id"] == "fox"] == ["The quick brown fox"]
+
+
+def test_decode_end_to_end_matches_generate(tmp_path, ckpt, model):
+  _decode_matches_generate(tmp_path, ckpt, model, "xla")
+
+
+@pytest.mark.gpu
+def test_decode_with_the_pallas_kernels_matches_generate_gpu(tmp_path, ckpt, model):
+  """What --kernels auto picks on a GPU: prefill and decoding through the Pallas MoE and attention kernels."""
+  _decode_matches_generate(tmp_path, ckpt, model, "pallas")
 
 
 def test_single_prompt_to_stdout(ckpt, capsys):
