@@ -222,8 +222,13 @@ def _run_stack(stack, x, positions, cfg: ModelConfig, kind: str, mask, cache, st
     body = jax.checkpoint(body, prevent_cse=not cfg.scan_layers)
   if cfg.scan_layers:
     stack, norms, unpack = _pack_norms(stack)
-    layers = (stack, norms, jnp.arange(num, dtype=jnp.int32))
-    (x, cache), router = jax.lax.scan(lambda carry, xs: body(carry, (unpack(*xs[:2]), xs[2])), (x, cache), layers)
+
+    def step(carry, p):  # the layer index rides in the carry and the norms are read at it: scanned
+      (x, c, layer) = carry  # over, each would be copied out of its stack by a launch of its own per layer
+      (x, c), router = body((x, c), (unpack(p, jax.lax.dynamic_index_in_dim(norms, layer, keepdims=False)), layer))
+      return (x, c, layer + 1), router
+
+    (x, cache, _), router = jax.lax.scan(step, (x, cache, jnp.int32(0)), stack)
     return x, cache, router
   routers = []
   for i in range(num):

@@ -35,7 +35,7 @@ from dmax_jax.model.config import accum_dtype
 _NEG = float(jnp.finfo(jnp.float32).min)
 BLOCK_Q = 16  # queries per program (Triton's dot needs >= 16 rows)
 BLOCK_S = 128  # keys per online-softmax step
-KEY_SPLITS = 1  # key runs per (row, head, query block), each by its own program
+KEY_SPLITS = 4  # key runs per (row, head, query block), each by its own program (BENCHMARKS.md)
 NUM_WARPS = 4
 NUM_STAGES = 2
 
