@@ -191,3 +191,12 @@ def test_tokamax_import_error_says_why():
     assert moe.tokamax_import_error().startswith(("ModuleNotFoundError", "ImportError"))
   else:
     assert moe.tokamax_import_error() == ""
+
+
+def test_uniform_routing_takes_the_smallest_draws():
+  """The benchmark routing: per token, the X experts of smallest uniform draw, smallest first (NumPy argsort)."""
+  key = jax.random.key(3)
+  idx, w = moe.uniform_routing(key, 40, 16, 5)
+  draws = np.asarray(jax.random.uniform(jax.random.split(key)[0], (40, 16)))
+  np.testing.assert_array_equal(np.asarray(idx), np.argsort(draws, axis=1, kind="stable")[:, :5])
+  np.testing.assert_allclose(np.asarray(w).sum(axis=1), 1.0, rtol=1e-6)
