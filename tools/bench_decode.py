@@ -200,8 +200,9 @@ def main(argv=None):
   ap.add_argument("--json", default=None)
   ap.add_argument("--mesh", default="", help="split the weights over a device mesh, e.g. expert=8 or expert=4,tensor=2")
   ap.add_argument("--weights", default="bf16", help="comma separated: bf16 and/or int8 (weight-only int8 experts)")
-  ap.add_argument("--attention", default="xla",
-                  help="comma separated attention implementations to time (ModelConfig.attention: xla, cudnn, tokamax)")
+  ap.add_argument("--attention", default=None,
+                  help="comma separated attention implementations to time (ModelConfig.attention: xla, cudnn, tokamax, "
+                       "pallas); default pallas on a GPU (what decode.py runs there), else xla")
   ap.add_argument("--group-size", type=int, default=None,
                   help="int8: one scale per this many rows of K (default: per output channel)")
   ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -219,7 +220,7 @@ def main(argv=None):
     ap.error(f"--weights: comma separated bf16 / int8, got {args.weights!r}")
   if args.mesh and "int8" in weight_kinds:
     ap.error("--weights int8 runs on one device (no --mesh)")
-  attentions = args.attention.split(",")
+  attentions = (args.attention or ("pallas" if jax.default_backend() == "gpu" else "xla")).split(",")
   if not attentions or set(attentions) - set(ATTENTIONS):
     ap.error(f"--attention: comma separated {', '.join(ATTENTIONS)}, got {args.attention!r}")
   mesh = None
