@@ -11,10 +11,13 @@ work, while the data are a few hundred kilobytes. This kernel reads the keys
 and values in place from the whole ``[N, B, S, G, R]`` stack at the layer's
 index and does everything in one launch.
 
-Grid: (batch, query head, query block). A program holds ``block_q`` queries of
-one head and runs an online softmax (fp32 running max, sum and output) over
-the keys in chunks of ``block_s``; the heads of one key/value group read the
-same key chunks, which they mostly find in L2. Scores and softmax are fp32
+Grid: (batch, query head, query block, key split). A program holds ``block_q``
+queries of one head and runs an online softmax (fp32 running max, sum and
+output) over its split of the keys in chunks of ``block_s``; the heads of one
+key/value group read the same key chunks, which they mostly find in L2. With
+several splits (``key_splits``: more programs, shorter loops, the faster
+setting at decoding sizes) each writes its normalised output and log-sum-exp
+and one fused XLA step merges them. Scores and softmax are fp32
 (fp64 for fp64 inputs), the probabilities are cast to the values' dtype for
 the second product, which accumulates in fp32; masked scores are the float32
 minimum (as in ``transformer.attend``), so a row with no visible key attends
