@@ -52,6 +52,7 @@ from dmax_jax import decoding, sharding  # pylint: disable=wrong-import-position
 from dmax_jax.model import transformer as model  # pylint: disable=wrong-import-position
 from dmax_jax.model import params as params_lib, quant  # pylint: disable=wrong-import-position
 from dmax_jax.apps.benchmarking import copy_bandwidths, device_kernel_times, time_calls  # pylint: disable=wrong-import-position
+from dmax_jax.apps import runner  # pylint: disable=wrong-import-position
 
 def with_routing(cfg, mode):
   """``cfg`` routing as the ``--routing`` mode says: "raw" = the router, "uniform" = uniform random top-k."""
@@ -220,7 +221,8 @@ def main(argv=None):
     ap.error(f"--weights: comma separated bf16 / int8, got {args.weights!r}")
   if args.mesh and "int8" in weight_kinds:
     ap.error("--weights int8 runs on one device (no --mesh)")
-  attentions = (args.attention or ("pallas" if jax.default_backend() == "gpu" else "xla")).split(",")
+  default = runner.KERNELS[runner.resolve_kernels("auto")].get("attention", "xla")  # what decode.py runs here
+  attentions = (args.attention or default).split(",")
   if not attentions or set(attentions) - set(ATTENTIONS):
     ap.error(f"--attention: comma separated {', '.join(ATTENTIONS)}, got {args.attention!r}")
   mesh = None

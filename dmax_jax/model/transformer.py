@@ -138,7 +138,7 @@ def _attention(p, x_BLD, positions_BL, cfg: ModelConfig, mask, kv):
     k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
   q = rope(q, positions_BL, cfg)
   k = rope(k, positions_BL, cfg)
-  new_kv = None
+  new_kv = out = None
   if kv is not None:
     k_cache, v_cache, start, layer = kv  # the whole stack's [layers, B, S, G, R] cache: new rows written in place
     at = _index(layer, 0, start, 0, 0)
@@ -147,16 +147,21 @@ def _attention(p, x_BLD, positions_BL, cfg: ModelConfig, mask, kv):
     new_kv = (k_cache, v_cache)
     if cfg.attention == "pallas" and not isinstance(mask, HalvesMask) and attention_pallas.supported(q, k_cache):
       out = attention_pallas.cached_attention(q, k_cache, v_cache, layer, mask)  # the cache read in place
-      return out.reshape(B, L, H * R) @ p["o"].astype(dtype), new_kv
-    k, v = k_cache[layer].astype(dtype), v_cache[layer].astype(dtype)
-  if isinstance(mask, HalvesMask):
-    L1 = mask.first.shape[1]
-    out = jnp.concatenate([attend(q[:, :L1], k, v, mask.first, cfg.attention),
-                           attend(q[:, L1:], k[:, L1:], v[:, L1:], mask.second, cfg.attention)], axis=1)
-  else:
-    out = attend(q, k, v, mask, cfg.attention)
+    else:
+      k, v = k_cache[layer].astype(dtype), v_cache[layer].astype(dtype)
+  if out is None:
+    out = _attend_under(q, k, v, mask, cfg.attention)
   out = out.reshape(B, L, H * R) @ p["o"].astype(dtype)
   return out, new_kv
+
+
+def _attend_under(q_BLHR, k_BSGR, v_BSGR, mask, implementation: str):
+  """``attend`` under a [B, L, S] mask or a ``HalvesMask`` (each half attended alone, the empty quarter skipped)."""
+  if not isinstance(mask, HalvesMask):
+    return attend(q_BLHR, k_BSGR, v_BSGR, mask, implementation)
+  L1 = mask.first.shape[1]
+  return jnp.concatenate([attend(q_BLHR[:, :L1], k_BSGR, v_BSGR, mask.first, implementation),
+                          attend(q_BLHR[:, L1:], k_BSGR[:, L1:], v_BSGR[:, L1:], mask.second, implementation)], axis=1)
 
 
 def _dense_mlp(p, x_BLD):

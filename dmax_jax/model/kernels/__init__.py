@@ -9,3 +9,10 @@
   backward, from tokamax's and JAX's Mosaic GPU kernels (the training path,
   ``moe_backend="grouped"``).
 """
+
+import jax
+
+
+def interpret_default(interpret) -> bool:
+  """A kernel's ``interpret`` argument: None -> interpret on the CPU backend (where Pallas has no compiled path)."""
+  return jax.default_backend() == "cpu" if interpret is None else interpret

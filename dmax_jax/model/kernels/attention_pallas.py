@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dmax_jax.model.config import accum_dtype
+from dmax_jax.model.kernels import interpret_default as _interpret
 
 _NEG = float(jnp.finfo(jnp.float32).min)
 BLOCK_Q = 16  # queries per program (Triton's dot needs >= 16 rows)
@@ -41,11 +42,6 @@ BLOCK_S = 128  # keys per online-softmax step
 KEY_SPLITS = 4  # key runs per (row, head, query block), each by its own program (BENCHMARKS.md)
 NUM_WARPS = 4
 NUM_STAGES = 2
-
-
-def _interpret(interpret) -> bool:
-  """None -> interpret on the CPU backend (where Pallas has no compiled path)."""
-  return jax.default_backend() == "cpu" if interpret is None else interpret
 
 
 def _pow2_at_most(n: int, cap: int) -> int:

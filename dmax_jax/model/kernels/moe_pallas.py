@@ -56,6 +56,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dmax_jax.model import quant
+from dmax_jax.model.kernels import interpret_default as _interpret
 from dmax_jax.model.config import accum_dtype
 
 
@@ -73,11 +74,6 @@ class Tiles:
   k: int = 128
   num_warps: int = 4
   num_stages: int = 3
-
-
-def _interpret(interpret) -> bool:
-  """None -> interpret on the CPU backend (where Pallas has no compiled path)."""
-  return jax.default_backend() == "cpu" if interpret is None else interpret
 
 
 def _tile(dim: int, preferred: int) -> int:
