@@ -49,6 +49,44 @@ def test_kernel_equals_numpy_reference(L, block_s, splits):
   np.testing.assert_allclose(np.asarray(got), _numpy_attention(q, k[2], v[2], mask), rtol=1e-12, atol=1e-12)
 
 
+def _numpy_prepared(x_BLnR, w_R, pos_BL, inv_freq, eps):
+  """RMSNorm times its weight, then rotate-half RoPE on the first 2 * len(inv_freq) dims, float64."""
+  x = x_BLnR / np.sqrt(np.mean(x_BLnR**2, axis=-1, keepdims=True) + eps) * w_R
+  h = len(inv_freq)
+  ang = pos_BL[:, :, None, None] * inv_freq
+  x1, x2 = x[..., :h], x[..., h:2 * h]
+  return np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang), x2 * np.cos(ang) + x1 * np.sin(ang), x[..., 2 * h:]], -1)
+
+
+@pytest.mark.parametrize("L, splits", [(16, 1), (20, 4)])
+def test_write_and_attend_equals_numpy_reference(L, splits):
+  """Raw projections in: keys normalised, rotated and written at ``start`` of their layer, nothing else touched;
+  queries prepared the same way attend over the updated cache."""
+  B, H, G, R, S, N, layer, start, eps = 2, 4, 2, 16, 64, 3, 1, 24, 1e-6
+  rng = np.random.default_rng(3)
+  qkv = rng.standard_normal((B, L, (H + 2 * G) * R))
+  _, k, v, mask = _case(B, L, H, G, R, S, N, seed=4)
+  norms = rng.uniform(0.5, 1.5, (N, 3 + 2 * R))  # q norm at columns 3.., k norm at 3 + R..
+  pos = start + 2 * np.arange(L)[None, :] + np.arange(B)[:, None]
+  inv_freq = 100.0 ** (-np.arange(0, 8, 2) / 8)
+  angles = pos[:, :, None] * inv_freq
+  with jax.enable_x64(True):
+    prep = attention_pallas.QKPrep(norms=jnp.asarray(norms), q_col=3, k_col=3 + R, eps=eps,
+                                   rotation=(jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))))
+    out, k2, v2 = attention_pallas.write_and_attend(
+        jnp.asarray(qkv), jnp.asarray(k), jnp.asarray(v), layer, start, jnp.asarray(mask), prep, num_heads=H,
+        key_splits=splits)
+  split = qkv.reshape(B, L, H + 2 * G, R)
+  want_k, want_v = k.copy(), v.copy()
+  want_k[layer, :, start:start + L] = _numpy_prepared(split[:, :, H:H + G], norms[layer, 3 + R:], pos, inv_freq, eps)
+  want_v[layer, :, start:start + L] = split[:, :, H + G:]
+  np.testing.assert_allclose(np.asarray(k2), want_k, rtol=1e-12, atol=1e-12)
+  np.testing.assert_array_equal(np.asarray(v2), want_v)
+  q = _numpy_prepared(split[:, :, :H], norms[layer, 3:3 + R], pos, inv_freq, eps)
+  want = _numpy_attention(q, want_k[layer], want_v[layer], mask)
+  np.testing.assert_allclose(np.asarray(out), want, rtol=1e-11, atol=1e-11)
+
+
 def test_kernel_reads_only_its_layer():
   """Changing another layer's cache leaves the output alone; changing its own changes it."""
   q, k, v, mask = _case(1, 16, 2, 1, 16, 32, 3)
@@ -102,3 +140,33 @@ def test_kernel_bf16_mini_shapes_gpu(B, splits):
   err = np.abs(np.asarray(got, np.float64) - want).max()
   err_xla = np.abs(np.asarray(xla, np.float64) - want).max()
   assert err < 2e-2 and err < 2 * err_xla + 1e-3, (err, err_xla)  # bf16 outputs of magnitude ~1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 8])
+def test_write_and_attend_bf16_mini_shapes_gpu(B):
+  """LLaDA-2.0-mini's heads (16 of 128, 4 groups, RoPE on 64 dims), bf16, compiled: the written keys and the
+  output against NumPy float64 on the same bf16 inputs."""
+  L, H, G, R, S, N, layer, start, eps = 32, 16, 4, 128, 512, 3, 1, 480, 1e-6
+  rng = np.random.default_rng(5)
+  bf = lambda a: jnp.asarray(a, jnp.bfloat16)
+  f64 = lambda a: np.asarray(a, np.float64)
+  qkv, norms = bf(rng.standard_normal((B, L, (H + 2 * G) * R))), bf(rng.uniform(0.5, 1.5, (N, 2 * R)))
+  _, k, v, mask = _case(B, L, H, G, R, S, N, seed=6)
+  pos = np.broadcast_to(start + np.arange(L), (B, L))
+  inv_freq = 600000.0 ** (-np.arange(0, 64, 2, dtype=np.float32) / 64)
+  angles = np.float32(pos[:, :, None] * inv_freq)
+  prep = attention_pallas.QKPrep(norms=norms, q_col=0, k_col=R, eps=eps,
+                                 rotation=(jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))))
+  run = jax.jit(lambda *a: attention_pallas.write_and_attend(*a, prep, num_heads=H))
+  out, k2, _ = run(qkv, bf(k), bf(v), jnp.int32(layer), jnp.int32(start), jnp.asarray(mask))
+  split = f64(qkv).reshape(B, L, H + 2 * G, R)
+  want_k = _numpy_prepared(split[:, :, H:H + G], f64(norms)[layer, R:], pos, f64(inv_freq), eps)
+  got_k = f64(k2)[layer, :, start:start + L]
+  assert np.abs(got_k - want_k).max() < 2e-2 * np.abs(want_k).max()
+  assert (f64(k2)[layer, :, :start] == f64(bf(k))[layer, :, :start]).all()
+  keys, values = f64(k2)[layer], f64(bf(v))[layer]
+  values[:, start:start + L] = split[:, :, H + G:]
+  want = _numpy_attention(_numpy_prepared(split[:, :, :H], f64(norms)[layer, :R], pos, f64(inv_freq), eps), keys,
+                          values, mask)
+  assert np.abs(f64(out) - want).max() < 2e-2, np.abs(f64(out) - want).max()

@@ -186,6 +186,30 @@ def test_pallas_with_the_shared_expert_in_its_kernels(T, block_rows, int8):
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("T,valid", [(5, False), (19, False), (13, True)])
+def test_pallas_rows_found_from_pairs_equal_the_row_scatter(T, valid, monkeypatch):
+  """Blocks finding their rows' tokens among the pairs' rows (``PairRows``) give the ``src`` scatter's output.
+
+  With the shared expert's lead blocks (the last one partial at T=5 and 19) and pairs without a row.
+  """
+  x, idx, w = _case("random", T, 3, 8, seed=13)
+  routed = _weights(jax.random.key(14), 8, 64, 32)
+  shared = tuple(a[0] for a in _weights(jax.random.key(15), 1, 64, 32))
+  kw = dict(interpret=True, shared=None if valid else shared, valid_TX=(idx < 5) if valid else None)
+  by_pairs = moe_pallas.experts_pallas(x, idx, w, *routed, **kw)
+  monkeypatch.setattr(moe_pallas, "PAIR_ROWS_MAX_PAIRS", 0)
+  np.testing.assert_array_equal(np.asarray(by_pairs), np.asarray(moe_pallas.experts_pallas(x, idx, w, *routed, **kw)))
+
+
+def test_block_layout_pair_rows():
+  """``rows`` is ``pos`` flattened, -1 for a pair without a row; each row holds the token ``src`` says."""
+  idx = jnp.array([[0, 3], [2, 0], [0, 3]], jnp.int32)
+  lay = moe_pallas.block_layout(idx, 4, 2, valid_TX=idx != 2)
+  np.testing.assert_array_equal(lay["rows"], [0, 4, -1, 1, 2, 5])  # expert 0: block 0-1, expert 3: block 2
+  np.testing.assert_array_equal(lay["src"][:6], [0, 1, 2, 3, 0, 2])
+  np.testing.assert_array_equal(lay["used"], [3])
+
+
 def test_pallas_reads_the_shared_expert_of_its_layer_from_a_stack():
   """``shared`` as ``[n, ...]`` stacks and a traced ``shared_index``: the same as passing that layer's weights."""
   x, idx, w = _case("random", 11, 2, 8, seed=10)

@@ -107,7 +107,7 @@ def bench_forwards(cfg, params, batch, S, Lq, start, *, loop, rounds):
   kv_mask, pos, emb = _decode_inputs(cfg, batch, S, Lq, start)
 
   @functools.partial(jax.jit, compiler_options=model.DECODE_COMPILER_OPTIONS)
-  def run(params, cache, emb):
+  def run(params, cache, emb, kv_mask, pos):  # mask and positions are arguments, as in the decoder (not constants)
     def body(_, carry):
       cache, acc = carry
       logits, cache = model.forward_cached(params, cfg, cache, start=start, kv_mask=kv_mask, embeds=emb, positions=pos)
@@ -116,7 +116,7 @@ def bench_forwards(cfg, params, batch, S, Lq, start, *, loop, rounds):
     return jax.lax.fori_loop(0, loop, body, (cache, jnp.float32(0)))
 
   cache = model.init_cache(cfg, batch, S, jnp.bfloat16)
-  times = [t / loop for t in time_calls(run, (params, cache, emb), warmup=1, iters=1, rounds=rounds)]
+  times = [t / loop for t in time_calls(run, (params, cache, emb, kv_mask, pos), warmup=1, iters=1, rounds=rounds)]
   _, _, (ids, _) = jax.jit(lambda p, c, e: model.forward_cached(
       p, cfg, c, start=start, kv_mask=kv_mask, embeds=e, positions=pos, return_router=True))(params, cache, emb)
   ids = np.asarray(ids)  # [layers, B, L, k]
@@ -128,9 +128,9 @@ def profile_forward(cfg, params, batch, S, Lq, routing, top):
   """Prints the kernels of one decoding forward by device time (from a profiler trace)."""
   start = S - Lq
   kv_mask, pos, emb = _decode_inputs(cfg, batch, S, Lq, start)
-  fn = jax.jit(lambda p, c, e: model.forward_cached(p, cfg, c, start=start, kv_mask=kv_mask, embeds=e, positions=pos),
+  fn = jax.jit(lambda p, c, e, m, q: model.forward_cached(p, cfg, c, start=start, kv_mask=m, embeds=e, positions=q),
                compiler_options=model.DECODE_COMPILER_OPTIONS)
-  times = device_kernel_times(fn, (params, model.init_cache(cfg, batch, S, jnp.bfloat16), emb))
+  times = device_kernel_times(fn, (params, model.init_cache(cfg, batch, S, jnp.bfloat16), emb, kv_mask, pos))
   total = sum(t for t, _ in times.values())
   launches = sum(n for _, n in times.values())
   print(f"\nprofile, {routing} routing, batch {batch}: {total / 1e3:.3f} ms of kernels, {launches:.0f} launches per forward")

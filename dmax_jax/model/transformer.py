@@ -70,6 +70,12 @@ def rms_norm(x, weight, eps):
   return (weight.astype(wide) * x32).astype(dtype)
 
 
+def rope_angles(positions_BL, cfg: ModelConfig, dtype):
+  """The rotary angles ``[B, L, rotary_dim / 2]``: position times ``theta ** (-2i / rotary_dim)``."""
+  rd = cfg.rotary_dim
+  return positions_BL.astype(dtype)[..., None] * cfg.rope_theta ** (-jnp.arange(0, rd, 2, dtype=dtype) / rd)
+
+
 def rope(x_BLHR, positions_BL, cfg: ModelConfig):
   """Partial rotary embedding (rotate-half form) on the first ``rotary_dim`` dims of each head."""
   rd = cfg.rotary_dim
@@ -77,8 +83,7 @@ def rope(x_BLHR, positions_BL, cfg: ModelConfig):
     return x_BLHR
   dtype = x_BLHR.dtype
   wide = accum_dtype(dtype)
-  inv_freq = cfg.rope_theta ** (-jnp.arange(0, rd, 2, dtype=wide) / rd)
-  freqs = positions_BL.astype(wide)[..., None] * inv_freq  # [B, L, rd/2]
+  freqs = rope_angles(positions_BL, cfg, wide)  # [B, L, rd/2]
   angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, L, 1, rd]
   cos, sin = jnp.cos(angles), jnp.sin(angles)
   x32 = x_BLHR.astype(wide)
@@ -124,14 +129,19 @@ def _attention(p, x_BLD, positions_BL, cfg: ModelConfig, mask, kv):
   """Self-attention of one layer.
 
   Without ``kv`` the keys are this call's own (``mask`` [B, L, L]). With
-  ``kv = (k_cache, v_cache, start, layer)`` the new keys/values are written into
+  ``kv = (k_cache, v_cache, start, layer, (norm rows, their columns))`` the new keys/values are written into
   layer ``layer`` of the stack's cache at ``start`` first and the queries attend over the whole cache under
   ``mask`` [B, L, S]. Returns (output, updated (k_cache, v_cache) or None).
   """
   B, L, _ = x_BLD.shape
   H, G, R = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
   dtype = x_BLD.dtype
-  qkv = (x_BLD @ p["qkv"].astype(dtype)).reshape(B, L, H + 2 * G, R)
+  qkv = x_BLD @ p["qkv"].astype(dtype)
+  fused = _fused_attention(qkv, positions_BL, cfg, mask, kv)
+  if fused is not None:  # q/k norms, RoPE, the cache update and attention in two kernels
+    out, new_kv = fused
+    return out.reshape(B, L, H * R) @ p["o"].astype(dtype), new_kv
+  qkv = qkv.reshape(B, L, H + 2 * G, R)
   q, k, v = qkv[:, :, :H], qkv[:, :, H : H + G], qkv[:, :, H + G :]
   if cfg.use_qk_norm:
     q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
@@ -140,7 +150,7 @@ def _attention(p, x_BLD, positions_BL, cfg: ModelConfig, mask, kv):
   k = rope(k, positions_BL, cfg)
   new_kv = out = None
   if kv is not None:
-    k_cache, v_cache, start, layer = kv  # the whole stack's [layers, B, S, G, R] cache: new rows written in place
+    k_cache, v_cache, start, layer, _ = kv  # the whole stack's [layers, B, S, G, R] cache: new rows written in place
     at = _index(layer, 0, start, 0, 0)
     k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], at)
     v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], at)
@@ -153,6 +163,22 @@ def _attention(p, x_BLD, positions_BL, cfg: ModelConfig, mask, kv):
     out = _attend_under(q, k, v, mask, cfg.attention)
   out = out.reshape(B, L, H * R) @ p["o"].astype(dtype)
   return out, new_kv
+
+
+def _fused_attention(qkv_BLC, positions_BL, cfg: ModelConfig, mask, kv):
+  """``attention_pallas.write_and_attend`` where it applies (``attention="pallas"``, a cache, these shapes), else None."""
+  if kv is None or cfg.attention != "pallas" or isinstance(mask, HalvesMask):
+    return None
+  k_cache, v_cache, start, layer, (norms, cols) = kv
+  angles = rope_angles(positions_BL, cfg, accum_dtype(qkv_BLC.dtype))  # loop-invariant: XLA computes it once
+  prep = attention_pallas.QKPrep(
+      norms=norms if cfg.use_qk_norm else None, q_col=cols.get("q_norm", 0), k_col=cols.get("k_norm", 0),
+      eps=cfg.rms_norm_eps, rotation=(jnp.cos(angles), jnp.sin(angles)) if cfg.rotary_dim else None)
+  if not attention_pallas.supported_prepared(qkv_BLC, k_cache, prep):
+    return None
+  out, k_cache, v_cache = attention_pallas.write_and_attend(qkv_BLC, k_cache, v_cache, layer, start, mask, prep,
+                                                            num_heads=cfg.num_attention_heads)
+  return out, (k_cache, v_cache)
 
 
 def _attend_under(q_BLHR, k_BSGR, v_BSGR, mask, implementation: str):
@@ -193,10 +219,11 @@ _NORMS = ("attn_norm", "mlp_norm", "q_norm", "k_norm")
 
 
 def _pack_norms(stack):
-  """(stack less its norm vectors, them as one [layers, sum of widths] array, unpack(layer params, row)).
+  """(stack less its norm vectors, them as one [layers, sum of widths] array, unpack(layer params, row), columns).
 
   XLA copies each per-layer slice of a scanned parameter out with its own
   launch, and these vectors are tiny: one array costs one copy instead of four.
+  ``columns`` maps each norm's name to its first column (the attention kernels read q/k norms there).
   """
   names = [k for k in _NORMS if k in stack]
   widths = np.cumsum([stack[k].shape[-1] for k in names])[:-1]
@@ -205,7 +232,8 @@ def _pack_norms(stack):
   def unpack(p, packed):
     return dict(p, **dict(zip(names, jnp.split(packed, widths, axis=-1))))
 
-  return rest, jnp.concatenate([stack[k] for k in names], axis=-1), unpack
+  columns = dict(zip(names, [0] + [int(w) for w in widths]))
+  return rest, jnp.concatenate([stack[k] for k in names], axis=-1), unpack, columns
 
 
 def _run_stack(stack, x, positions, cfg: ModelConfig, kind: str, mask, cache, start):
@@ -216,17 +244,18 @@ def _run_stack(stack, x, positions, cfg: ModelConfig, kind: str, mask, cache, st
   """
   num = jax.tree.leaves(stack)[0].shape[0]
   stack, whole = moe.prepare_experts(stack, cfg) if kind == "moe" else (stack, None)
+  rest, norms, unpack, columns = _pack_norms(stack)
 
   def body(carry, xs):
     (x, c), (p, layer) = carry, xs
-    kv = None if c is None else (c["k"], c["v"], start, layer)
+    kv = None if c is None else (c["k"], c["v"], start, layer, (norms, columns))
     x, new_kv, router = _layer(p, x, positions, cfg, kind, mask, kv, (whole, layer))
     return (x, None if new_kv is None else {"k": new_kv[0], "v": new_kv[1]}), router
 
   if cfg.remat:
     body = jax.checkpoint(body, prevent_cse=not cfg.scan_layers)
   if cfg.scan_layers:
-    stack, norms, unpack = _pack_norms(stack)
+    stack = rest
 
     def step(carry, p):  # the layer index rides in the carry and the norms are read at it: scanned
       (x, c, layer) = carry  # over, each would be copied out of its stack by a launch of its own per layer
