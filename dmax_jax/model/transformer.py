@@ -128,52 +128,53 @@ def _index(*idx):
 def _attention(p, x_BLD, positions_BL, cfg: ModelConfig, mask, kv):
   """Self-attention of one layer.
 
-  Without ``kv`` the keys are this call's own (``mask`` [B, L, L]). With
-  ``kv = (k_cache, v_cache, start, layer, (norm rows, their columns))`` the new keys/values are written into
-  layer ``layer`` of the stack's cache at ``start`` first and the queries attend over the whole cache under
-  ``mask`` [B, L, S]. Returns (output, updated (k_cache, v_cache) or None).
+  Without ``kv`` the keys are this call's own (``mask`` [B, L, L]). With ``kv = (k_cache, v_cache, start, layer,
+  (norm rows, their columns, RoPE's cos and sin))`` the new keys/values are written into layer ``layer`` of the
+  stack's cache at ``start`` first and the queries attend over the whole cache under ``mask`` [B, L, S].
+  Returns (output, updated (k_cache, v_cache) or None).
   """
   B, L, _ = x_BLD.shape
-  H, G, R = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  H, R = cfg.num_attention_heads, cfg.head_dim
   dtype = x_BLD.dtype
   qkv = x_BLD @ p["qkv"].astype(dtype)
-  fused = _fused_attention(qkv, positions_BL, cfg, mask, kv)
-  if fused is not None:  # q/k norms, RoPE, the cache update and attention in two kernels
-    out, new_kv = fused
-    return out.reshape(B, L, H * R) @ p["o"].astype(dtype), new_kv
-  qkv = qkv.reshape(B, L, H + 2 * G, R)
+  # q/k norms, RoPE, the cache update and attention in two kernels where they run, else step by step
+  out, new_kv = _fused_attention(qkv, positions_BL, cfg, mask, kv) or _stepwise_attention(
+      p, qkv, positions_BL, cfg, mask, kv)
+  return out.reshape(B, L, H * R) @ p["o"].astype(dtype), new_kv
+
+
+def _stepwise_attention(p, qkv_BLC, positions_BL, cfg: ModelConfig, mask, kv):
+  """``_attention`` from the projections: norms, RoPE, the cache update, attention. -> (out [B, L, H, R], kv)."""
+  B, L, _ = qkv_BLC.shape
+  H, G, R = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  qkv = qkv_BLC.reshape(B, L, H + 2 * G, R)
   q, k, v = qkv[:, :, :H], qkv[:, :, H : H + G], qkv[:, :, H + G :]
   if cfg.use_qk_norm:
     q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
     k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
   q = rope(q, positions_BL, cfg)
   k = rope(k, positions_BL, cfg)
-  new_kv = out = None
-  if kv is not None:
-    k_cache, v_cache, start, layer, _ = kv  # the whole stack's [layers, B, S, G, R] cache: new rows written in place
-    at = _index(layer, 0, start, 0, 0)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], at)
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], at)
-    new_kv = (k_cache, v_cache)
-    if cfg.attention == "pallas" and not isinstance(mask, HalvesMask) and attention_pallas.supported(q, k_cache):
-      out = attention_pallas.cached_attention(q, k_cache, v_cache, layer, mask)  # the cache read in place
-    else:
-      k, v = k_cache[layer].astype(dtype), v_cache[layer].astype(dtype)
-  if out is None:
-    out = _attend_under(q, k, v, mask, cfg.attention)
-  out = out.reshape(B, L, H * R) @ p["o"].astype(dtype)
-  return out, new_kv
+  if kv is None:
+    return _attend_under(q, k, v, mask, cfg.attention), None
+  k_cache, v_cache, start, layer, _ = kv  # the whole stack's [layers, B, S, G, R] cache: new rows written in place
+  at = _index(layer, 0, start, 0, 0)
+  k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], at)
+  v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], at)
+  if cfg.attention == "pallas" and not isinstance(mask, HalvesMask) and attention_pallas.supported(q, k_cache):
+    return attention_pallas.cached_attention(q, k_cache, v_cache, layer, mask), (k_cache, v_cache)  # read in place
+  dtype = qkv_BLC.dtype
+  return _attend_under(q, k_cache[layer].astype(dtype), v_cache[layer].astype(dtype), mask, cfg.attention), (
+      k_cache, v_cache)
 
 
 def _fused_attention(qkv_BLC, positions_BL, cfg: ModelConfig, mask, kv):
   """``attention_pallas.write_and_attend`` where it applies (``attention="pallas"``, a cache, these shapes), else None."""
   if kv is None or cfg.attention != "pallas" or isinstance(mask, HalvesMask):
     return None
-  k_cache, v_cache, start, layer, (norms, cols) = kv
-  angles = rope_angles(positions_BL, cfg, accum_dtype(qkv_BLC.dtype))  # loop-invariant: XLA computes it once
+  k_cache, v_cache, start, layer, (norms, cols, rotation) = kv
   prep = attention_pallas.QKPrep(
       norms=norms if cfg.use_qk_norm else None, q_col=cols.get("q_norm", 0), k_col=cols.get("k_norm", 0),
-      eps=cfg.rms_norm_eps, rotation=(jnp.cos(angles), jnp.sin(angles)) if cfg.rotary_dim else None)
+      eps=cfg.rms_norm_eps, rotation=rotation if cfg.rotary_dim else None)
   if not attention_pallas.supported_prepared(qkv_BLC, k_cache, prep):
     return None
   out, k_cache, v_cache = attention_pallas.write_and_attend(qkv_BLC, k_cache, v_cache, layer, start, mask, prep,
@@ -236,11 +237,12 @@ def _pack_norms(stack):
   return rest, jnp.concatenate([stack[k] for k in names], axis=-1), unpack, columns
 
 
-def _run_stack(stack, x, positions, cfg: ModelConfig, kind: str, mask, cache, start):
+def _run_stack(stack, x, positions, cfg: ModelConfig, kind: str, mask, cache, start, rotation=None):
   """Runs a stack of layers (scan or Python loop). Returns (x, new cache stack, router per layer).
 
   The whole stack's cache rides in the carry and each layer writes its new rows
   in place (scanning over cache slices copies every layer's cache out and back).
+  ``rotation``: RoPE's (cos, sin) at ``positions`` for the Pallas attention (computed once per forward).
   """
   num = jax.tree.leaves(stack)[0].shape[0]
   stack, whole = moe.prepare_experts(stack, cfg) if kind == "moe" else (stack, None)
@@ -248,7 +250,7 @@ def _run_stack(stack, x, positions, cfg: ModelConfig, kind: str, mask, cache, st
 
   def body(carry, xs):
     (x, c), (p, layer) = carry, xs
-    kv = None if c is None else (c["k"], c["v"], start, layer, (norms, columns))
+    kv = None if c is None else (c["k"], c["v"], start, layer, (norms, columns, rotation))
     x, new_kv, router = _layer(p, x, positions, cfg, kind, mask, kv, (whole, layer))
     return (x, None if new_kv is None else {"k": new_kv[0], "v": new_kv[1]}), router
 
@@ -291,12 +293,17 @@ def _inputs(params, cfg: ModelConfig, tokens, embeds, positions):
 def _body(params, cfg: ModelConfig, x, positions, mask, cache: Optional[KVCache], start):
   routers = {}
   new_cache = {}
+  rotation = None
+  if cache is not None and cfg.attention == "pallas" and cfg.rotary_dim:  # the kernels' RoPE tables, once per forward
+    angles = rope_angles(positions, cfg, accum_dtype(x.dtype))
+    rotation = (jnp.cos(angles), jnp.sin(angles))
   for kind in ("dense", "moe"):
     if kind not in params:
       new_cache[kind] = None
       continue
     stack_cache = None if cache is None else getattr(cache, kind)
-    x, new_cache[kind], routers[kind] = _run_stack(params[kind], x, positions, cfg, kind, mask, stack_cache, start)
+    x, new_cache[kind], routers[kind] = _run_stack(params[kind], x, positions, cfg, kind, mask, stack_cache, start,
+                                                   rotation)
   hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
   out_cache = None if cache is None else KVCache(dense=new_cache["dense"], moe=new_cache["moe"])
   return hidden, out_cache, routers.get("moe")
