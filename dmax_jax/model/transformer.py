@@ -174,7 +174,7 @@ def _fused_attention(qkv_BLC, positions_BL, cfg: ModelConfig, mask, kv):
   k_cache, v_cache, start, layer, (norms, cols, rotation) = kv
   prep = attention_pallas.QKPrep(
       norms=norms if cfg.use_qk_norm else None, q_col=cols.get("q_norm", 0), k_col=cols.get("k_norm", 0),
-      eps=cfg.rms_norm_eps, rotation=rotation if cfg.rotary_dim else None)
+      eps=cfg.rms_norm_eps, rotation=rotation)  # None without rotary dims (``_body``)
   if not attention_pallas.supported_prepared(qkv_BLC, k_cache, prep):
     return None
   out, k_cache, v_cache = attention_pallas.write_and_attend(qkv_BLC, k_cache, v_cache, layer, start, mask, prep,
@@ -257,14 +257,12 @@ def _run_stack(stack, x, positions, cfg: ModelConfig, kind: str, mask, cache, st
   if cfg.remat:
     body = jax.checkpoint(body, prevent_cse=not cfg.scan_layers)
   if cfg.scan_layers:
-    stack = rest
-
     def step(carry, p):  # the layer index rides in the carry and the norms are read at it: scanned
       (x, c, layer) = carry  # over, each would be copied out of its stack by a launch of its own per layer
       (x, c), router = body((x, c), (unpack(p, jax.lax.dynamic_index_in_dim(norms, layer, keepdims=False)), layer))
       return (x, c, layer + 1), router
 
-    (x, cache, _), router = jax.lax.scan(step, (x, cache, jnp.int32(0)), stack)
+    (x, cache, _), router = jax.lax.scan(step, (x, cache, jnp.int32(0)), rest)  # the stack less its norms
     return x, cache, router
   routers = []
   for i in range(num):

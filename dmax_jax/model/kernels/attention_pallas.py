@@ -208,12 +208,12 @@ def _attend(q_in, prep_args, k_cache_NBSGR, v_cache_NBSGR, layer, mask_BLS, H, p
   wide = accum_dtype(dtype)
   out_shape = [jax.ShapeDtypeStruct((B, Lp, H, R), dtype)] if splits == 1 else [
       jax.ShapeDtypeStruct((splits, B, Lp, H, R), wide), jax.ShapeDtypeStruct((splits, B, Lp, H), wide)]
-  args = (jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), q_in) + tuple(prep_args) + (
+  args = (_scalar(layer), q_in) + tuple(prep_args) + (
       k_cache_NBSGR, v_cache_NBSGR, mask_BLS)
   outs = pl.pallas_call(
       functools.partial(_kernel, block_q=block_q, block_s=block_s, splits=splits, group_size=H // G,
                         precision=jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None,
-                        parts=_parts(R, prep.rotation) if prep else ((0, R),), prep=prep),
+                        parts=_parts(R, prep.rotation if prep else 0), prep=prep),
       out_shape=out_shape,
       grid=(B, H, Lp // block_q, splits),
       in_specs=[pl.BlockSpec()] * len(args),  # whole arrays: the kernel indexes them
@@ -224,6 +224,11 @@ def _attend(q_in, prep_args, k_cache_NBSGR, v_cache_NBSGR, layer, mask_BLS, H, p
   )(*args)
   out = outs[0] if splits == 1 else _combine(*outs, dtype)
   return out[:, :L] if pad else out
+
+
+def _scalar(v):
+  """An int32 scalar (traced is fine) as the ``[1]`` array a kernel reads it from."""
+  return jnp.reshape(jnp.asarray(v, jnp.int32), (1,))
 
 
 def _static(prep: QKPrep) -> QKPrep:
@@ -278,8 +283,7 @@ def write_and_attend(qkv_BLC, k_cache_NBSGR, v_cache_NBSGR, layer, start, mask_B
   B, L, _ = qkv_BLC.shape
   G, R = k_cache_NBSGR.shape[3], k_cache_NBSGR.shape[4]
   static, extra = _static(prep), _prep_arrays(prep)
-  scalar = lambda v: jnp.reshape(jnp.asarray(v, jnp.int32), (1,))  # pylint: disable=unnecessary-lambda-assignment
-  args = (scalar(layer), scalar(start), qkv_BLC) + extra + (k_cache_NBSGR, v_cache_NBSGR)
+  args = (_scalar(layer), _scalar(start), qkv_BLC) + extra + (k_cache_NBSGR, v_cache_NBSGR)
   k_cache_NBSGR, v_cache_NBSGR = pl.pallas_call(
       functools.partial(_write_kernel, num_heads=num_heads, parts=_parts(R, static.rotation), prep=static),
       out_shape=[jax.ShapeDtypeStruct(k_cache_NBSGR.shape, k_cache_NBSGR.dtype),

@@ -128,14 +128,13 @@ def _compare_layout(flat_M, num_experts: int, block_rows: int, num_blocks: int, 
   same = flat_M[:, None] == flat_M[None, :]
   within = jnp.sum(same & (ar[None, :] < ar[:, None]), axis=1, dtype=jnp.int32)
   size = jnp.sum(same, axis=1, dtype=jnp.int32)
-  valid = flat_M < E
-  first_blocks = jnp.where((within == 0) & valid, (size + bm - 1) // bm, 0)  # each expert once, at its first pair
+  opens = (flat_M < E) & (within == 0)  # each expert's first pair
+  first_blocks = jnp.where(opens, (size + bm - 1) // bm, 0)  # each expert's blocks, counted once
   below = jnp.concatenate([flat_M, jnp.full((1,), E, jnp.int32)])  # the sentinel E: every expert is below it
   start = lead_blocks + jnp.sum(jnp.where(flat_M[None, :] < below[:, None], first_blocks[None, :], 0), axis=1,
                                 dtype=jnp.int32)
   pos = start[:M] * bm + within
   blocks = jnp.arange(num_blocks, dtype=jnp.int32)
-  opens = valid & (within == 0)
   expert = jnp.max(jnp.where(opens[None, :] & (start[None, :M] <= blocks[:, None]), flat_M[None, :], -1), axis=1)
   return pos, expert, start[M:]
 
@@ -184,16 +183,17 @@ def block_layout(idx_TX, num_experts: int, block_rows: int, method: str | None =
       flat, E, block_rows, Q, lead_blocks)
   blocks = jnp.arange(Q)
   expert_Q = jnp.where(blocks < used[0], jnp.minimum(expert_Q, E - 1), E - 1) + expert_offset
+  held = pos if valid_TX is None else jnp.where(flat < E, pos, -1)  # -1: the pair has no row
   out = dict(
-      pos=pos.reshape(T, X) if valid_TX is None else jnp.where(flat < E, pos, 0).reshape(T, X),
-      rows=pos if valid_TX is None else jnp.where(flat < E, pos, -1),
+      pos=(pos if valid_TX is None else jnp.maximum(held, 0)).reshape(T, X),
+      rows=held,
       expert=jnp.where(blocks < lead_blocks, lead_id, expert_Q).astype(jnp.int32),
       used=used.astype(jnp.int32),
   )
   if with_src:
     rows = jnp.arange(Q * block_rows, dtype=jnp.int32)
     out["src"] = jnp.where(rows < min(lead_blocks * block_rows, T), rows, T).at[
-        jnp.where(flat < E, pos, Q * block_rows)].set(jnp.arange(M, dtype=jnp.int32) // X, mode="drop")
+        jnp.where(held < 0, Q * block_rows, held)].set(jnp.arange(M, dtype=jnp.int32) // X, mode="drop")
   return out
 
 
