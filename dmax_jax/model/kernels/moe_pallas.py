@@ -17,12 +17,15 @@ Layout (all static shapes, jit-able):
    to one expert. The number of blocks is bounded statically by
    ``Q = (M + min(E, M) * (block_rows - 1)) // block_rows``; blocks past the
    used ones are skipped inside the kernels (``pl.when``).
-2. Kernel A (grid: row block x F tile): ``h = silu(x @ Wg[e]) * (x @ Wu[e])``
+2. Kernel A (grid: F tile x row block): ``h = silu(x @ Wg[e]) * (x @ Wu[e])``
    with fp32 accumulation and SwiGLU in fp32, cast to the compute dtype.
    It gathers each block's rows from the token rows itself (no padded copy).
-3. Kernel B (grid: row block x D tile): ``y = h @ Wd[e]``.
-   The row-block axis is the fastest-varying grid axis, so row blocks of one
-   expert run side by side and share the weight tile through L2.
+3. Kernel B (grid: D tile x row block): ``y = h @ Wd[e]``.
+   In both kernels the output-tile axis varies fastest: a row block's tiles
+   run side by side, the row blocks of one expert a few programs apart (they
+   still share each weight tile through L2), and the programs of the unused
+   blocks past the last used one come last, after all the work, instead of
+   between the tiles' runs (~1% of an int8 decoding forward; BENCHMARKS.md).
 4. Each (token, slot) pair's output row is gathered back and combined with
    the routing weights in fp32; padding rows are never read.
 
@@ -234,7 +237,7 @@ def _row_block_kernel(expert_ref, used_ref, *refs, bk, num_weights, gather, grou
   follows and row blocks with a negative expert id (``shared_block_id``) read it.
   """
   src_ref, rows_ref, sets, out_ref = _unpack_refs(refs, num_weights, gather, group, shared)
-  b = pl.program_id(0)
+  b = pl.program_id(1)  # grid (output tile, row block): the tile axis varies fastest
   e_b = expert_ref[b]
   if shared:
     _row_block(b, e_b, *sets[0], src_ref, rows_ref, out_ref, used_ref, bk, gather, group, e_b >= 0, pairs)
@@ -257,7 +260,7 @@ def _block_tokens(b, bm, pair_rows_ref, per_token, lead_rows):
 
 def _row_block(b, e, w_refs, s_refs, src_ref, rows_ref, out_ref, used_ref, bk, gather, group, mine, pairs):
   """The body of ``_row_block_kernel`` for one weight set: runs when ``mine`` and the block is used."""
-  j = pl.program_id(1)
+  j = pl.program_id(0)
   bm, tn = out_ref.shape
   K = rows_ref.shape[1]
 
@@ -320,7 +323,7 @@ def _pair_rows(src_P):
 
 def _row_block_call(name, rows, expert_Q, used, weights, out_cols, *, block_rows, tiles: Tiles, interpret,
                     src_P=None, shared_weights=None):
-  """Runs ``_row_block_kernel`` on a (row block, output tile) grid; the row-block axis varies fastest.
+  """Runs ``_row_block_kernel`` on an (output tile, row block) grid; the output-tile axis varies fastest.
 
   ``rows`` is the padded ``[P, K]`` row array, or with ``src_P`` the ``[T, K]``
   token rows that padded row p reads as ``rows[src_P[p]]`` (``src_P`` may
@@ -352,7 +355,7 @@ def _row_block_call(name, rows, expert_Q, used, weights, out_cols, *, block_rows
 
     params = pltriton.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
   if src_P is None:
-    row_specs, row_args = [pl.BlockSpec((block_rows, K), lambda b, j: (b, 0))], (rows,)
+    row_specs, row_args = [pl.BlockSpec((block_rows, K), lambda j, b: (b, 0))], (rows,)
   else:
     row_specs, row_args = [whole, whole], (src_P, rows)
   kernel = functools.partial(_row_block_kernel, bk=tile_k, num_weights=num_weights, gather=src_P is not None,
@@ -360,9 +363,9 @@ def _row_block_call(name, rows, expert_Q, used, weights, out_cols, *, block_rows
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((P, out_cols), rows.dtype),
-      grid=(P // block_rows, out_cols // tile),
+      grid=(out_cols // tile, P // block_rows),
       in_specs=[whole, whole] + row_specs + [whole] * len(weights),
-      out_specs=pl.BlockSpec((block_rows, tile), lambda b, j: (b, j)),
+      out_specs=pl.BlockSpec((block_rows, tile), lambda j, b: (b, j)),
       interpret=interpret,
       compiler_params=params,
       name=name,
