@@ -39,9 +39,11 @@ def _case(name, T, X, E, seed=0):
   return x, idx.astype(jnp.int32), w
 
 
+# Interpret-mode kernels take ~8 s a case on 2 CPU cores: the first two (features the other cases and the shared-expert
+# test cover too) run with -m slow.
 CASES = [  # (name, T, X, E, block_rows)
-    ("random", 5, 3, 8, 16),  # T*X = 15: a partial block, several empty experts
-    ("random", 9, 4, 16, 8),  # T*X = 36, smaller blocks
+    pytest.param("random", 5, 3, 8, 16, marks=pytest.mark.slow),  # T*X = 15: a partial block, several empty experts
+    pytest.param("random", 9, 4, 16, 8, marks=pytest.mark.slow),  # T*X = 36, smaller blocks
     ("random", 24, 4, 16, 16),  # the tiny fixture's routing shape
     ("one_expert_all_rows", 37, 1, 8, 16),  # 37 rows of one expert: blocks 16 + 16 + 5
     ("few_experts", 20, 2, 16, 16),  # two experts, 20 rows each, 14 experts empty
@@ -158,8 +160,9 @@ def _numpy_swiglu_expert(x, wg, wu, wd):
   return (g / (1 + np.exp(-g)) * u) @ wd
 
 
-@pytest.mark.parametrize("int8", [False, True])
-@pytest.mark.parametrize("T,block_rows", [(5, 16), (19, 8)])  # one partial shared block; three blocks, the last partial
+@pytest.mark.parametrize("T,block_rows,int8", [  # one partial shared block; three blocks, the last partial
+    (5, 16, False), (19, 8, True),
+    pytest.param(5, 16, True, marks=pytest.mark.slow), pytest.param(19, 8, False, marks=pytest.mark.slow)])
 def test_pallas_with_the_shared_expert_in_its_kernels(T, block_rows, int8):
   """``shared=``: the shared expert's blocks run first in the same kernels; routed + shared against NumPy float64."""
   x, idx, w = _case("random", T, 3, 8, seed=7)
@@ -186,7 +189,7 @@ def test_pallas_with_the_shared_expert_in_its_kernels(T, block_rows, int8):
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("T,valid", [(5, False), (19, False), (13, True)])
+@pytest.mark.parametrize("T,valid", [pytest.param(5, False, marks=pytest.mark.slow), (19, False), (13, True)])
 def test_pallas_rows_found_from_pairs_equal_the_row_scatter(T, valid, monkeypatch):
   """Blocks finding their rows' tokens among the pairs' rows (``PairRows``) give the ``src`` scatter's output.
 
