@@ -68,11 +68,18 @@ def supported(q_BLHR, k_cache_NBSGR, interpret=None) -> bool:
   Compiled (GPU): bf16 / fp16 / fp32 inputs, ``head_dim`` a power of two >= 16,
   a cache length divisible by 16. Interpreted: any.
   """
-  if _interpret(interpret):
-    return True
-  R, S = q_BLHR.shape[-1], k_cache_NBSGR.shape[2]
-  return (jax.default_backend() == "gpu" and q_BLHR.dtype in (jnp.bfloat16, jnp.float16, jnp.float32)
-          and R >= 16 and R & (R - 1) == 0 and S % 16 == 0)
+  return _interpret(interpret) or _compiles(q_BLHR.dtype, k_cache_NBSGR)
+
+
+def _pow2_from_16(n: int) -> bool:
+  return n >= 16 and n & (n - 1) == 0
+
+
+def _compiles(dtype, k_cache_NBSGR) -> bool:
+  """``supported``'s compiled case: a GPU, these dtypes, head_dim a power of two >= 16, cache length % 16 == 0."""
+  R, S = k_cache_NBSGR.shape[4], k_cache_NBSGR.shape[2]
+  return (jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16, jnp.float32) and _pow2_from_16(R)
+          and S % 16 == 0)
 
 
 class QKPrep(NamedTuple):
@@ -307,10 +314,8 @@ def supported_prepared(qkv_BLC, k_cache_NBSGR, prep: QKPrep, interpret=None) -> 
   if _interpret(interpret):
     return True
   L, R = qkv_BLC.shape[1], k_cache_NBSGR.shape[-1]
-  pow2 = lambda n: n >= 16 and n & (n - 1) == 0  # pylint: disable=unnecessary-lambda-assignment
-  q_like = jax.ShapeDtypeStruct((1, L, 1, R), qkv_BLC.dtype)
-  return (supported(q_like, k_cache_NBSGR) and qkv_BLC.dtype == k_cache_NBSGR.dtype and pow2(L)
-          and all(pow2(w) for _, w in _parts(R, _static(prep).rotation)))
+  return (_compiles(qkv_BLC.dtype, k_cache_NBSGR) and qkv_BLC.dtype == k_cache_NBSGR.dtype and _pow2_from_16(L)
+          and all(_pow2_from_16(w) for _, w in _parts(R, _static(prep).rotation)))
 
 
 def _triton_params(num_warps, num_stages):
