@@ -53,6 +53,21 @@ class KVCache(NamedTuple):
   moe: Optional[dict]
 
 
+class RowWrite(NamedTuple):
+  """Per-row cache addressing for a cached forward (``start=RowWrite(...)`` instead of one position).
+
+  Query row r writes its L keys/values into cache row ``slot[r]`` at positions ``start[r] .. start[r] + L - 1``
+  and attends over cache row ``slot[r]`` under the caller's mask. Rows ``[0, direct)`` attend over cache rows
+  ``[0, direct)`` in order (read in place: their ``slot`` only says where they write); later rows read the
+  cache row ``slot`` names (a gather). The serving engine forwards every slot's block this way, each at its own
+  position, plus extra rows (a prompt block, a finished block rewritten) into any slot's cache row.
+  """
+
+  slot: jax.Array  # [N] int32
+  start: jax.Array  # [N] int32
+  direct: int
+
+
 # XLA options for compiling decoding programs. On NVIDIA GPUs XLA's own Triton GEMMs read each
 # layer's weights from a copy of its slice of the stacked parameters (an extra write and read of
 # every attention / shared-expert weight per forward); cuBLAS reads the slice in place. Measured on
@@ -157,6 +172,8 @@ def _stepwise_attention(p, qkv_BLC, positions_BL, cfg: ModelConfig, mask, kv):
   if kv is None:
     return _attend_under(q, k, v, mask, cfg.attention), None
   k_cache, v_cache, start, layer, _ = kv  # the whole stack's [layers, B, S, G, R] cache: new rows written in place
+  if isinstance(start, RowWrite):
+    return _row_attention(q, k, v, k_cache, v_cache, start, layer, mask, cfg.attention)
   at = _index(layer, 0, start, 0, 0)
   k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], at)
   v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], at)
@@ -167,9 +184,28 @@ def _stepwise_attention(p, qkv_BLC, positions_BL, cfg: ModelConfig, mask, kv):
       k_cache, v_cache)
 
 
+def _row_attention(q_NLHR, k_NLGR, v_NLGR, k_cache, v_cache, rows: RowWrite, layer, mask_NLS, implementation):
+  """The cache update and attention of a ``RowWrite`` forward. -> (out [N, L, H, R], (k_cache, v_cache))."""
+  L = q_NLHR.shape[1]
+  pos_NL = rows.start[:, None] + jnp.arange(L, dtype=jnp.int32)[None, :]
+  slot_N1 = rows.slot[:, None]
+  k_cache = k_cache.at[layer, slot_N1, pos_NL].set(k_NLGR.astype(k_cache.dtype))
+  v_cache = v_cache.at[layer, slot_N1, pos_NL].set(v_NLGR.astype(v_cache.dtype))
+  dtype = q_NLHR.dtype
+  k_all, v_all = k_cache[layer].astype(dtype), v_cache[layer].astype(dtype)
+  n = rows.direct
+  outs = []
+  if n:
+    outs.append(attend(q_NLHR[:n], k_all[:n], v_all[:n], mask_NLS[:n], implementation))
+  if n < q_NLHR.shape[0]:
+    extra = rows.slot[n:]
+    outs.append(attend(q_NLHR[n:], k_all[extra], v_all[extra], mask_NLS[n:], implementation))
+  return jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0], (k_cache, v_cache)
+
+
 def _fused_attention(qkv_BLC, positions_BL, cfg: ModelConfig, mask, kv):
   """``attention_pallas.write_and_attend`` where it applies (``attention="pallas"``, a cache, these shapes), else None."""
-  if kv is None or cfg.attention != "pallas" or isinstance(mask, HalvesMask):
+  if kv is None or cfg.attention != "pallas" or isinstance(mask, HalvesMask) or isinstance(kv[2], RowWrite):
     return None
   k_cache, v_cache, start, layer, (norms, cols, rotation) = kv
   prep = attention_pallas.QKPrep(
