@@ -1,4 +1,4 @@
-"""A plain NumPy/Python re-statement of shared/spec/decoding.md, used as the test oracle.
+"""A plain NumPy/Python re-statement of shared/spec/decoding.md (and docs/decoding_rules.md), the test oracle.
 
 No KV cache, no batching, no JAX control flow: every step runs the model on
 the whole canvas up to the end of the current block under the block-causal
@@ -35,6 +35,7 @@ def reference_decode(params, cfg, prompt, *, strategy, gen_length, block_length)
   x = np.array(list(prompt) + [mask_id] * (T - P))
   nfe = 0
   spd = type(strategy).__name__ == "SPD"
+  low_confidence = type(strategy).__name__ == "LowConfidence"
 
   def model(emb, end):
     blk = np.arange(end) // K
@@ -56,12 +57,16 @@ def reference_decode(params, cfg, prompt, *, strategy, gen_length, block_length)
       p = probs.max(-1)
       blk = x[lo:hi].copy()
       masked = blk == mask_id
-      if not spd:
+      if low_confidence:  # the k most confident masked positions, ties to the lower position
+        for j in sorted(np.nonzero(masked)[0], key=lambda j: (-p[j], j))[: int(strategy.k)]:
+          blk[j] = x0[j]
+      elif not spd:
         conf = np.where(masked, p, -np.inf)
         thr = min(strategy.threshold, conf.max() - 1e-5)
         for j in range(K):
           if masked[j] and conf[j] >= thr:
             blk[j] = x0[j]
+      if not spd:
         x[lo:hi] = blk
         emb[lo:hi] = table[blk]
         if not (blk == mask_id).any():

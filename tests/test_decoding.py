@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import dmax_jax
-from dmax_jax.decoding import SPD, Threshold, generate
+from dmax_jax.decoding import SPD, LowConfidence, Threshold, generate
+from dmax_jax.decoding import engine
+from dmax_jax.decoding.strategy import StepView
 from decoding_reference import reference_decode
 
 GEN = 16
@@ -96,6 +98,82 @@ def test_spd_top2_matches_reference(sharp, prompts):
   out = generate(params, cfg, prompts, strategy=strategy, gen_length=GEN, block_length=4)
   for p, o in zip(prompts, out):
     assert (o.tokens, o.nfe) == reference_decode(params, cfg, p, strategy=strategy, gen_length=GEN, block_length=4)
+
+
+LOW_CONFIDENCE_KS = (1, 3, 5)  # 5 > a block of 4: every mask at once
+
+
+def _per_row(ks):
+  return LowConfidence(k=np.asarray(ks)[:, None])  # [B, 1]: one k per row
+
+
+@pytest.fixture(scope="module")
+def low_confidence_runs(sharp, prompts):
+  """{k: generate of the whole batch, blocks of 4, every row at k}. k is traced and given as a [B, 1] array (one
+  k per row), so these runs and ``test_low_confidence_per_row_k``'s share one compiled program (compiles are what
+  these tests cost); the prompt decoded alone gives k as a scalar."""
+  cfg, params = sharp
+  compiled = len(engine._PROGRAMS)  # pylint: disable=protected-access
+  runs = {k: generate(params, cfg, prompts, strategy=_per_row([k] * len(prompts)), gen_length=GEN, block_length=4)
+          for k in LOW_CONFIDENCE_KS}
+  assert len(engine._PROGRAMS) <= compiled + 1  # pylint: disable=protected-access
+  return runs
+
+
+def test_low_confidence_matches_reference(sharp, prompts, low_confidence_runs):
+  cfg, params = sharp
+  for k, out in low_confidence_runs.items():
+    strategy = LowConfidence(k=k)
+    for p, o in zip(prompts, out):
+      assert (o.tokens, o.nfe) == reference_decode(params, cfg, p, strategy=strategy, gen_length=GEN,
+                                                   block_length=4), (k, p)
+      assert o.prefill_calls == int(len(p) >= 4)
+
+
+def test_low_confidence_alone_equals_batch_and_decodes_k_per_step(sharp, prompts, low_confidence_runs):
+  cfg, params = sharp
+  (alone,) = generate(params, cfg, prompts[1:2], strategy=LowConfidence(k=3), gen_length=GEN, block_length=4,
+                      trace=True)
+  batch = low_confidence_runs[3][1]
+  assert (alone.tokens, alone.nfe) == (batch.tokens, batch.nfe)
+  assert len(alone.trace) == alone.nfe
+  for s in alone.trace:
+    masks_before = s.status.count("new") + s.status.count("mask")
+    assert s.status.count("new") == min(3, masks_before)
+    assert s.status.count("revised") == 0
+
+
+def test_low_confidence_per_row_k(sharp, prompts, low_confidence_runs):
+  """k as a [B, 1] array (one k per row): select equals each row's scalar call; generate's rows equal the
+  scalar-k batches'."""
+  rng = np.random.default_rng(1)
+  B, K = 6, 8
+  p = rng.choice([0.1, 0.25, 0.5, 0.75, 0.9], size=(B, K))  # few values: many ties
+  masked = rng.random((B, K)) < 0.7
+  x = np.where(masked, 511, 7)
+  view = StepView(x=jnp.asarray(x), active=jnp.asarray(masked), masked=jnp.asarray(masked), x0=jnp.asarray(x),
+                  p=jnp.asarray(p), probs=None, mask_id=511)
+  ks = [1, 2, 3, 5, 8, 9]
+  rows = np.asarray(_per_row(ks).select(view))
+  for b, k in enumerate(ks):
+    alone = np.asarray(LowConfidence(k=k).select(view))[b]
+    np.testing.assert_array_equal(rows[b], alone)
+    want = sorted(np.nonzero(masked[b])[0], key=lambda j: (-p[b, j], j))[:k]  # the rule, restated
+    assert sorted(np.nonzero(alone)[0].tolist()) == sorted(int(j) for j in want)
+  cfg, params = sharp
+  ks = LOW_CONFIDENCE_KS[::-1]  # row i gets its own k
+  per_row = generate(params, cfg, prompts, strategy=_per_row(ks), gen_length=GEN, block_length=4)
+  for i, (k, o) in enumerate(zip(ks, per_row)):
+    want = low_confidence_runs[k][i]
+    assert (o.tokens, o.nfe) == (want.tokens, want.nfe), k
+
+
+def test_low_confidence_check():
+  for bad in (0, -1, 2.5, True):
+    with pytest.raises(ValueError, match="k must be"):
+      LowConfidence(k=bad).check()
+  LowConfidence(k=1).check()
+  assert dmax_jax.decoding.make("low_confidence", threshold=0.3, k=4) == LowConfidence(k=4)
 
 
 def test_batch_equals_each_alone(sharp, prompts):

@@ -30,6 +30,7 @@ which the demo adds this run's paths (``stage_config``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -44,7 +45,9 @@ from dmax_jax.apps.records import RecordWriter, read_records
 from dmax_jax.tokenizer import LLADA2_CHAT_TEMPLATE, MATH_SUFFIX, compile_chat_template, train_tokenizer
 
 MODELS = ("base", "oput", "ablation")
-STRATEGIES = tuple(decoding.STRATEGIES)
+# the demo sweeps each curve over thresholds, so it offers the strategies that have one (not low_confidence)
+STRATEGIES = tuple(name for name, cls in decoding.STRATEGIES.items()
+                   if "threshold" in {f.name for f in dataclasses.fields(cls)})
 LABELS = {"base": "base", "oput": "OPUT", "ablation": "SFT on distilled (ablation)", "threshold": "threshold",
           "spd": "SPD"}
 

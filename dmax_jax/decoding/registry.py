@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from dmax_jax.decoding.low_confidence import LowConfidence
 from dmax_jax.decoding.spd import SPD
 from dmax_jax.decoding.strategy import Strategy
 from dmax_jax.decoding.threshold import Threshold
@@ -11,6 +12,7 @@ from dmax_jax.decoding.threshold import Threshold
 STRATEGIES: dict[str, type] = {
     "spd": SPD,
     "threshold": Threshold,
+    "low_confidence": LowConfidence,
 }
 
 
