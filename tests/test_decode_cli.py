@@ -10,11 +10,14 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import REPO, generate_as_cli_batches
 from dmax_jax import decoding
+from dmax_jax.decoding import engine
 from dmax_jax.apps import runner
 from dmax_jax.apps.cli import decode_main
 from dmax_jax.checkpoints.hf import load_hf_checkpoint
@@ -87,6 +90,33 @@ def _decode_matches_generate(tmp_path, ckpt, model, kernels):
 
 def test_decode_end_to_end_matches_generate(tmp_path, ckpt, model):
   _decode_matches_generate(tmp_path, ckpt, model, "xla")
+
+
+def test_decode_float64_low_confidence_matches_generate_in_float64(tmp_path, ckpt):
+  """--dtype float64 (x64 mode scoped to the run) with --strategy low_confidence --k: the records' tokens and nfe
+  are generate's in float64, exactly; x64 is off again afterwards (nothing leaks into the tests that follow)."""
+  inp = write_jsonl(tmp_path / "in.jsonl", GOOD)
+  out = tmp_path / "out.jsonl"
+  rc = decode_main(["--checkpoint", ckpt, "--input", inp, "--output", str(out), "--batch-size", "3", "--math",
+                    "--strategy", "low_confidence", "--k", "3", "--dtype", "float64", *GEN])  # one batch: one compile
+  assert rc == 0
+  assert not jax.config.jax_enable_x64 and jnp.zeros(1, float).dtype == jnp.float32
+  records = {r["id"]: r for r in read_records(str(out))}
+  with pytest.raises(runner.UsageError, match="x64"):  # float64 params outside x64 would silently be float32
+    runner.load_model(ckpt, "float64")
+  with jax.enable_x64(True):
+    cfg, params = load_hf_checkpoint(ckpt, dtype=jnp.float64, compute_dtype="float64")
+    assert params["embed"].dtype == jnp.float64
+    ids = expected_ids(load_tokenizer(ckpt))
+    names = [1, "fox", "chat"]  # GOOD's order
+    compiled = len(engine._PROGRAMS)  # pylint: disable=protected-access
+    gens = generate_as_cli_batches(params, cfg, [ids[n] for n in names], batch_size=3,
+                                   strategy=decoding.LowConfidence(k=3), gen_length=16, block_length=8)
+    assert len(engine._PROGRAMS) == compiled  # pylint: disable=protected-access  # (it ran the CLI's program)
+  for name, gen in zip(names, gens):
+    rec = records[name]
+    assert (rec["tokens"], rec["nfe"]) == (gen.tokens, gen.nfe), name
+    assert rec["strategy"] == "low_confidence" and rec["k"] == 3 and rec["settings"]["dtype"] == "float64"
 
 
 @pytest.mark.gpu
@@ -168,6 +198,7 @@ def test_bad_lines_are_reported_and_the_rest_runs(tmp_path, ckpt, capsys):
     (["--gen-length", "0"], "--gen-length must be positive"),
     (["--input", "/nonexistent.jsonl"], "/nonexistent.jsonl: no such file"),
     (["--threshold", "1.5"], "threshold must lie in [0, 1]"),
+    (["--strategy", "low_confidence", "--k", "0"], "--k must be >= 1"),
 ])
 def test_usage_errors_exit_2(ckpt, capsys, extra, message):
   argv = ["--checkpoint", ckpt, "--gen-length", "16", *extra]

@@ -159,6 +159,36 @@ def _fake_engine(monkeypatch, tok, answer="so the answer is\n#### 5", compile_se
   return calls
 
 
+def test_low_confidence_runs_once_across_thresholds_and_float64_is_scoped(tmp_path, ckpt, monkeypatch):
+  """low_confidence has no threshold: a --thresholds sweep runs it once, with --k. --dtype float64 loads and decodes
+  in x64 mode, which is off again once evaluate returns."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  tok = load_tokenizer(ckpt)
+  seen = []
+
+  def fake_generate(params, config, prompts, *, strategy, **kw):
+    del kw
+    seen.append((type(strategy).__name__, jax.config.jax_enable_x64, params["embed"].dtype.name, config.compute_dtype))
+    return [decoding.Generation(tok.encode("so the answer is\n#### 5"), 4, 1, None) for _ in prompts]
+
+  monkeypatch.setattr(decoding, "prepare", lambda *a, **kw: None)
+  monkeypatch.setattr(decoding, "generate", fake_generate)
+  data = tmp_path / "gsm.jsonl"
+  data.write_text("".join(json.dumps(d) + "\n" for d in (DATA[0], DATA[1])))
+  out = tmp_path / "rec.jsonl"
+  argv = ["--checkpoint", ckpt, "--data", str(data), "--output", str(out), "--strategies", "low_confidence,spd",
+          "--thresholds", "0.5,0.9", "--k", "3", "--dtype", "float64", *GEN]
+  assert evaluate.main(argv) == 0
+  assert not jax.config.jax_enable_x64
+  assert set(seen) == {(name, True, "float64", "float64") for name in ("LowConfidence", "SPD")}
+  report = json.loads((tmp_path / "rec.json").read_text())["results"]
+  assert [(r["strategy"], r["threshold"], r["n"]) for r in report] == [
+      ("low_confidence", None, 2), ("spd", 0.5, 2), ("spd", 0.9, 2)]
+  assert {r["k"] for r in read_records(str(out)) if r["strategy"] == "low_confidence"} == {3}
+  assert "| low_confidence | - | 2/2 |" in (tmp_path / "rec.md").read_text()
+
+
 def test_rejected_questions_count_as_wrong_and_compile_time_is_not_timed(tmp_path, ckpt, monkeypatch, capsys):
   tok = load_tokenizer(ckpt)
   calls = _fake_engine(monkeypatch, tok, compile_seconds=0.3)

@@ -23,15 +23,17 @@ from dmax_jax.tokenizer import TokenizerError
 
 
 def add_decoding_args(p: argparse.ArgumentParser):
-  """Flags of every tool that decodes: checkpoint, lengths, batch, dtype, SPD's stop rule."""
+  """Flags of every tool that decodes: checkpoint, lengths, batch, dtype, SPD's stop rule, low_confidence's k."""
   p.add_argument("--checkpoint", required=True, help="converted checkpoint or Hugging Face directory (with tokenizer)")
   p.add_argument("--gen-length", type=int, default=256, help="tokens to generate per prompt (default 256)")
   p.add_argument("--block-length", type=int, default=32, help="block length K (default 32)")
   p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
   p.add_argument("--confidence-stop", type=float, default=0.9, help="SPD: stop a block when all tokens reach this")
+  p.add_argument("--k", type=int, default=6, help="low_confidence: tokens committed per step (default 6)")
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
   p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
-  p.add_argument("--dtype", default="float32", choices=sorted(runner.DTYPES), help="params and compute dtype")
+  p.add_argument("--dtype", default="float32", choices=sorted(runner.DTYPES),
+                 help="params and compute dtype (float64: JAX's x64 mode, for exactness checks on a CPU)")
   p.add_argument("--kernels", default="auto", choices=("auto",) + tuple(runner.KERNELS),
                  help="MoE and attention kernels: pallas (GPU decoding kernels), xla; auto (default): pallas on a GPU")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -45,6 +47,8 @@ def check_decoding_args(args):
     raise runner.UsageError(f"--confidence-stop must lie in [0, 1], got {args.confidence_stop}")
   if args.temperature < 0:
     raise runner.UsageError(f"--temperature must be >= 0, got {args.temperature}")
+  if args.k < 1:
+    raise runner.UsageError(f"--k must be >= 1, got {args.k}")
 
 
 def run_cli(body: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
@@ -92,7 +96,7 @@ def report_notes(notes: Sequence[str]):
 
 def decode_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="decode.py", description="Batch generation with SPD or threshold decoding.",
+      prog="decode.py", description="Batch generation with SPD, threshold or low-confidence decoding.",
       epilog="Input JSONL lines hold one of: \"question\" (user turn, chat template, --math suffix), "
              "\"messages\" (conversation, chat template), \"prompt\" (raw text, no template); \"id\" optional.")
   src = p.add_mutually_exclusive_group(required=True)
@@ -100,7 +104,8 @@ def decode_parser() -> argparse.ArgumentParser:
   src.add_argument("--prompt", help="a single question (chat template applied)")
   p.add_argument("--output", help="JSONL of results (resumed if it exists); default: stdout")
   p.add_argument("--strategy", default="spd", choices=tuple(decoding.STRATEGIES))
-  p.add_argument("--threshold", type=float, default=None, help="decoding threshold (default: 0.5 spd, 0.95 threshold)")
+  p.add_argument("--threshold", type=float, default=None,
+                 help="decoding threshold (default: 0.5 spd, 0.95 threshold; low_confidence has none: see --k)")
   p.add_argument("--math", action="store_true", help="append the math suffix to questions")
   p.add_argument("--trace", metavar="FILE.html", help="write a step-by-step HTML trace of the decoded prompts")
   p.add_argument("--records", default="full", choices=runner.RECORD_FORMATS,
@@ -111,9 +116,14 @@ def decode_parser() -> argparse.ArgumentParser:
 
 
 def _decode(args) -> int:
+  with runner.precision(args.dtype):  # float64: x64 mode from before the model loads until the last record
+    return _decode_in_precision(args)
+
+
+def _decode_in_precision(args) -> int:
   t0 = time.perf_counter()
   check_decoding_args(args)
-  strategy = runner.make_strategy(args.strategy, args.threshold, args.confidence_stop, args.temperature)
+  strategy = runner.make_strategy(args.strategy, args.threshold, args.confidence_stop, args.temperature, args.k)
   if args.input is not None and not os.path.isfile(args.input):
     raise runner.UsageError(f"{args.input}: no such file")
   if args.trace:

@@ -100,7 +100,8 @@ def table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
 def markdown_table(rows: Sequence[dict]) -> str:
   header = ("strategy", "threshold", "decoded", "rejected", "accuracy", "strict", "mean TPF", "TPF (+prefill)",
             "tokens/s", "mean tokens")
-  return table(header, [(r["strategy"], str(r["threshold"]), f"{r['n']}/{r['of']}", str(r["rejected"]),
+  return table(header, [(r["strategy"], "-" if r["threshold"] is None else str(r["threshold"]), f"{r['n']}/{r['of']}",
+                         str(r["rejected"]),
                          f"{100 * r['accuracy']:.1f}%", f"{100 * r['strict_accuracy']:.1f}%", f"{r['mean_tpf']:.2f}",
                          f"{r['tpf_with_prefill']:.2f}", f"{r['tokens_per_second']:.1f}", f"{r['mean_tokens']:.1f}")
                         for r in rows])
@@ -137,7 +138,8 @@ def evaluate(*, checkpoint: str, data: str, output: str, strategies: Sequence, r
   for path in (prefix + ".json", prefix + ".md"):
     check_writable(path)
   run = dict(gen_length=gen_length, block_length=block_length)
-  with RecordWriter(output, runner.KEY_FIELDS) as writer:  # checked before the model loads
+  # float64: x64 mode from before the model loads until the last generation (scoped: nothing leaks out)
+  with runner.precision(dtype), RecordWriter(output, runner.KEY_FIELDS) as writer:  # checked before the model loads
     config, params, tokenizer = runner.load_model(checkpoint, dtype, kernels)
     notes = []
     questions, errors = read_gsm8k(data, tokenizer, limit, notes)
@@ -166,7 +168,8 @@ def evaluate(*, checkpoint: str, data: str, output: str, strategies: Sequence, r
 
 
 def _threshold(strategy):
-  """The threshold a strategy is swept over (None for a strategy without one)."""
+  """The threshold a strategy is swept over (None for a strategy without one: low_confidence, whose k is in its
+  records' settings)."""
   return getattr(strategy, "threshold", None)
 
 
@@ -197,7 +200,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--output", required=True, help="records JSONL (resumed if it exists)")
   p.add_argument("--report", help="report path prefix (writes PREFIX.json and PREFIX.md); default: --output's stem")
   p.add_argument("--strategies", default="spd,threshold", help=f"comma-separated: {', '.join(decoding.STRATEGIES)}")
-  p.add_argument("--thresholds", default="0.5,0.7,0.9", help="comma-separated thresholds")
+  p.add_argument("--thresholds", default="0.5,0.7,0.9",
+                 help="comma-separated thresholds (spd, threshold; low_confidence runs once, with --k)")
   p.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
   cli.add_decoding_args(p)
   return p
@@ -209,8 +213,12 @@ def _evaluate(args) -> int:
   if args.limit is not None and args.limit <= 0:
     raise runner.UsageError(f"--limit must be positive, got {args.limit}")
   names = [s.strip() for s in args.strategies.split(",") if s.strip()]
-  strategies = [runner.make_strategy(s, t, args.confidence_stop, args.temperature)
-                for s in names for t in _floats(args.thresholds, "--thresholds")]
+  strategies = []
+  for s in names:
+    for t in _floats(args.thresholds, "--thresholds"):
+      strategy = runner.make_strategy(s, t, args.confidence_stop, args.temperature, args.k)
+      if strategy not in strategies:  # a strategy without a threshold (low_confidence) runs once, not per threshold
+        strategies.append(strategy)
   result = evaluate(checkpoint=args.checkpoint, data=args.data, output=args.output, strategies=strategies,
                     report=args.report, gen_length=args.gen_length, block_length=args.block_length,
                     batch_size=args.batch_size, dtype=args.dtype, kernels=args.kernels, seed=args.seed, limit=args.limit,

@@ -30,6 +30,7 @@ conversation plus the generated answer), which ``train.py`` reads.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -50,7 +51,9 @@ from dmax_jax.apps.records import RecordWriter
 from dmax_jax.tokenizer import MATH_SUFFIX, ChatTemplateError, TokenizerError, load_tokenizer
 
 PROMPT_FIELDS = ("question", "messages", "prompt")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# --dtype: params and compute dtype. float64 (exactness checks from the command line, on any CPU) runs under JAX's
+# x64 mode, which only ``precision`` turns on, and only around its run
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 # --kernels: the decoding forward's MoE backend and attention ("auto": the Pallas kernels on a GPU, XLA elsewhere)
 KERNELS = {"xla": {}, "pallas": {"moe_backend": "pallas", "attention": "pallas"}}
 
@@ -66,6 +69,13 @@ def resolve_kernels(kernels: str) -> str:
 
 class UsageError(ValueError):
   """A problem with the whole run (flags, checkpoint, files): exit code 2."""
+
+
+def precision(dtype: str):
+  """The context a run in ``dtype`` needs: JAX's x64 mode for float64 (scoped, so it never leaks into the rest of
+  the process, e.g. other tests), nothing otherwise. Enter it before the model is loaded and keep it until the
+  last generation has been read back."""
+  return jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
 
 
 @dataclasses.dataclass
@@ -234,12 +244,14 @@ def load_model(path: str, dtype: str = "float32", kernels: str = "xla"):
 
   A converted (Orbax) checkpoint or a Hugging Face directory
   (``dmax_jax.checkpoints.converted.load_any``). Params are cast to ``dtype``, which is
-  also the compute dtype; ``kernels`` (a ``KERNELS`` name, or ``auto``) picks the forward's
-  MoE backend and attention.
+  also the compute dtype (float64 only inside ``precision("float64")``); ``kernels`` (a
+  ``KERNELS`` name, or ``auto``) picks the forward's MoE backend and attention.
   """
   numerics = KERNELS[resolve_kernels(kernels)]
   if dtype not in DTYPES:
     raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+  if dtype == "float64" and not jax.config.jax_enable_x64:
+    raise UsageError("--dtype float64 needs JAX's x64 mode: load and decode inside runner.precision('float64')")
   if not os.path.isdir(path):
     raise UsageError(f"{path}: no such checkpoint directory")
   try:
@@ -251,14 +263,20 @@ def load_model(path: str, dtype: str = "float32", kernels: str = "xla"):
 
 
 def make_strategy(name: str, threshold: Optional[float] = None, confidence_stop: float = 0.9,
-                  temperature: float = 0.0):
-  """The registered decoding strategy ``name`` (``decoding.STRATEGIES``); None threshold = its default."""
+                  temperature: float = 0.0, k: Optional[int] = None):
+  """The registered decoding strategy ``name`` (``decoding.STRATEGIES``) with the settings it has (the others are
+  ignored: ``k`` is low_confidence's, ``threshold`` spd's and threshold's); None = the strategy's default."""
   if threshold is not None and not 0.0 <= threshold <= 1.0:
     raise UsageError(f"threshold must lie in [0, 1], got {threshold}")
   try:
-    return decoding.make(name, threshold=threshold, confidence_stop=confidence_stop, temperature=temperature)
+    strategy = decoding.make(name, threshold=threshold, confidence_stop=confidence_stop, temperature=temperature, k=k)
   except KeyError:
     raise UsageError(f"unknown strategy {name!r} ({' or '.join(decoding.STRATEGIES)})") from None
+  try:
+    strategy.check()
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  return strategy
 
 
 def strategy_fields(strategy) -> dict:
