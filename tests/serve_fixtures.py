@@ -24,12 +24,12 @@ MODEL_NAME = "tiny"
 def load_engine(checkpoint: str, *, dtype: str = "float32", block_length: int = 4, max_slots: int = 4,
                 max_queue: int = 64, window: Optional[int] = 64, strategy: str = "spd",
                 threshold: Optional[float] = None, confidence_stop: float = 0.9, temperature: float = 0.0,
-                **engine_kw):
+                k: Optional[int] = None, **engine_kw):
   """(started engine, tokenizer, model config, params) for ``checkpoint`` (XLA kernels)."""
   from dmax_jax.serving import Engine, EngineConfig  # pylint: disable=import-outside-toplevel
 
   config, params, tokenizer = runner.load_model(checkpoint, dtype, "xla")
-  strategies = serve.strategy_templates(strategy, threshold, confidence_stop, temperature)
+  strategies = serve.strategy_templates(strategy, threshold, confidence_stop, temperature, k)
   engine = Engine(params, config, strategies, config=EngineConfig(
       block_length=block_length, max_slots=max_slots, max_queue=max_queue, window=window, **engine_kw))
   engine.start()

@@ -67,6 +67,12 @@ class RowWrite(NamedTuple):
   start: jax.Array  # [N] int32
   direct: int
 
+  @property
+  def read(self) -> jax.Array:
+    """[N]: the cache row each query row attends over."""
+    n = self.direct
+    return jnp.concatenate([jnp.arange(n, dtype=jnp.int32), self.slot[n:]]) if n else self.slot
+
 
 # XLA options for compiling decoding programs. On NVIDIA GPUs XLA's own Triton GEMMs read each
 # layer's weights from a copy of its slice of the stacked parameters (an extra write and read of
@@ -191,6 +197,9 @@ def _row_attention(q_NLHR, k_NLGR, v_NLGR, k_cache, v_cache, rows: RowWrite, lay
   slot_N1 = rows.slot[:, None]
   k_cache = k_cache.at[layer, slot_N1, pos_NL].set(k_NLGR.astype(k_cache.dtype))
   v_cache = v_cache.at[layer, slot_N1, pos_NL].set(v_NLGR.astype(v_cache.dtype))
+  if implementation == "pallas" and attention_pallas.supported(q_NLHR, k_cache):  # every row's slot read in place
+    return attention_pallas.cached_attention(q_NLHR, k_cache, v_cache, layer, mask_NLS, rows=rows.read), (
+        k_cache, v_cache)
   dtype = q_NLHR.dtype
   k_all, v_all = k_cache[layer].astype(dtype), v_cache[layer].astype(dtype)
   n = rows.direct

@@ -40,6 +40,10 @@ from dmax_jax.model.config import ModelConfig
 from dmax_jax.serving import slots as slots_lib
 
 
+DEFAULT_CACHE_LENGTH = 2048  # positions per slot when no window is given (a power of two: the attention kernel's
+# key splits and chunks divide it)
+
+
 class QueueFull(RuntimeError):
   """The request queue holds ``max_queue`` requests: try again later."""
 
@@ -80,7 +84,7 @@ class FinishEvent:
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
   """How the engine is laid out. ``window``: positions a request may use (prompt plus ``max_tokens`` in whole
-  blocks; None = the model's ``max_position_embeddings``). ``slot_buckets``: slot counts a launch may run (None =
+  blocks; None = ``DEFAULT_CACHE_LENGTH`` less one block, at most the model's ``max_position_embeddings``). ``slot_buckets``: slot counts a launch may run (None =
   powers of 4 up to ``max_slots``, and ``max_slots``). ``steps_per_launch``: at most this many steps run between
   two looks at the queue when no block commits."""
 
@@ -148,7 +152,7 @@ class Engine:
       raise ValueError(f"block_length must be positive, got {K}")
     if ec.max_slots <= 0 or ec.max_queue < 0 or ec.steps_per_launch <= 0:
       raise ValueError("max_slots and steps_per_launch must be positive, max_queue >= 0")
-    window = config.max_position_embeddings if ec.window is None else ec.window
+    window = DEFAULT_CACHE_LENGTH - K if ec.window is None else ec.window  # the cache: window + one padding block
     window = min(window, config.max_position_embeddings) // K * K
     if window < K:
       raise ValueError(f"a window of {window} positions holds no block of {K}")

@@ -125,7 +125,7 @@ def _prepared(xs, rotation, layer, col, norm_ref, eps, dtype):
   return [x.astype(dtype) for x in xs]
 
 
-def _kernel(layer_ref, q_ref, *refs, block_q, block_s, splits, group_size, precision, parts, prep):
+def _kernel(layer_ref, q_ref, *refs, block_q, block_s, splits, group_size, precision, parts, prep, indirect=False):
   """One (batch row, head, query block, key split): online softmax over the split's key chunks.
 
   ``q_ref`` holds the queries ``[B, L, H, R]``, or with ``prep`` (a
@@ -135,9 +135,12 @@ def _kernel(layer_ref, q_ref, *refs, block_q, block_s, splits, group_size, preci
   Several: writes the split's normalised output (fp32) and its log-sum-exp,
   which ``_combine`` merges.
   """
+  if indirect:  # the cache row each query row reads: ``q_ref`` is the cache rows' table, the queries follow
+    rows_ref, q_ref, refs = q_ref, refs[0], refs[1:]
   norm_ref, rot_refs, refs = _prep_refs(refs, prep)
   k_ref, v_ref, mask_ref, *out_refs = refs
   b, h, i, c = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  kb = rows_ref[b] if indirect else b
   g = h // group_size
   layer = layer_ref[0]
   R = k_ref.shape[-1]
@@ -155,13 +158,13 @@ def _kernel(layer_ref, q_ref, *refs, block_q, block_s, splits, group_size, preci
   def body(j, carry):
     m, total, acc = carry
     keys = pl.ds(pl.multiple_of(c * span + j * block_s, block_s), block_s)
-    s = sum(jax.lax.dot_general(q, k_ref[layer, b, keys, g, pl.ds(c0, w)].astype(q.dtype), (((1,), (1,)), ((), ())),
+    s = sum(jax.lax.dot_general(q, k_ref[layer, kb, keys, g, pl.ds(c0, w)].astype(q.dtype), (((1,), (1,)), ((), ())),
                                 preferred_element_type=acc_t, precision=precision) for q, (c0, w) in zip(qs, parts))
     s = jnp.where(mask_ref[b, rows, keys], s * scale, _NEG)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     p = jnp.exp(s - m_new[:, None])
     alpha = jnp.exp(m - m_new)
-    v = v_ref[layer, b, keys, g, :].astype(qs[0].dtype)
+    v = v_ref[layer, kb, keys, g, :].astype(qs[0].dtype)
     pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=acc_t, precision=precision)
     return m_new, total * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
 
@@ -182,7 +185,7 @@ def _combine(part_CBLHR, lse_CBLH, dtype):
 
 
 def cached_attention(q_BLHR, k_cache_NBSGR, v_cache_NBSGR, layer, mask_BLS, *, block_q=BLOCK_Q, block_s=BLOCK_S,
-                     key_splits=KEY_SPLITS, num_warps=NUM_WARPS, num_stages=NUM_STAGES, interpret=None):
+                     key_splits=KEY_SPLITS, num_warps=NUM_WARPS, num_stages=NUM_STAGES, interpret=None, rows=None):
   """Grouped-query attention of ``q`` over layer ``layer`` (traced is fine) of a cache stack -> [B, L, H, R].
 
   ``mask_BLS[b, l, s]``: query l of row b sees key s. Same contract as
@@ -191,15 +194,17 @@ def cached_attention(q_BLHR, k_cache_NBSGR, v_cache_NBSGR, layer, mask_BLS, *, b
   length is padded to a multiple of ``block_q`` (padding rows are dropped);
   the keys are cut into ``key_splits`` runs by separate programs (at most
   the number that leaves each a power-of-two multiple of 16 keys), each in
-  ``block_s`` chunks.
+  ``block_s`` chunks. ``rows`` ``[B]`` (int32): query row b attends over cache row ``rows[b]`` instead of row b
+  (read in place: the serving engine's rows each name their slot).
   """
   launch = dict(block_q=block_q, block_s=block_s, key_splits=key_splits, num_warps=num_warps, num_stages=num_stages,
                 interpret=_interpret(interpret))
-  return _attend(q_BLHR, (), k_cache_NBSGR, v_cache_NBSGR, layer, mask_BLS, q_BLHR.shape[2], None, **launch)
+  return _attend(q_BLHR, (), k_cache_NBSGR, v_cache_NBSGR, layer, mask_BLS, q_BLHR.shape[2], None, rows=rows,
+                 **launch)
 
 
 def _attend(q_in, prep_args, k_cache_NBSGR, v_cache_NBSGR, layer, mask_BLS, H, prep, *, block_q, block_s, key_splits,
-            num_warps, num_stages, interpret):
+            num_warps, num_stages, interpret, rows=None):
   """The attention kernel's launch: ``q_in`` queries [B, L, H, R] or, with ``prep`` (static), raw projections."""
   B, L = q_in.shape[:2]
   G, S, R = k_cache_NBSGR.shape[3], k_cache_NBSGR.shape[2], k_cache_NBSGR.shape[4]
@@ -215,12 +220,13 @@ def _attend(q_in, prep_args, k_cache_NBSGR, v_cache_NBSGR, layer, mask_BLS, H, p
   wide = accum_dtype(dtype)
   out_shape = [jax.ShapeDtypeStruct((B, Lp, H, R), dtype)] if splits == 1 else [
       jax.ShapeDtypeStruct((splits, B, Lp, H, R), wide), jax.ShapeDtypeStruct((splits, B, Lp, H), wide)]
-  args = (_scalar(layer), q_in) + tuple(prep_args) + (
+  table = () if rows is None else (jnp.asarray(rows, jnp.int32),)
+  args = (_scalar(layer),) + table + (q_in,) + tuple(prep_args) + (
       k_cache_NBSGR, v_cache_NBSGR, mask_BLS)
   outs = pl.pallas_call(
       functools.partial(_kernel, block_q=block_q, block_s=block_s, splits=splits, group_size=H // G,
                         precision=jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None,
-                        parts=_parts(R, prep.rotation if prep else 0), prep=prep),
+                        parts=_parts(R, prep.rotation if prep else 0), prep=prep, indirect=rows is not None),
       out_shape=out_shape,
       grid=(B, H, Lp // block_q, splits),
       in_specs=[pl.BlockSpec()] * len(args),  # whole arrays: the kernel indexes them
