@@ -657,7 +657,16 @@ class Service:
                          "usage": self.usage(job, len(text.tokens), nfe)})
 
   async def stream(self, job: Job, run: EngineRun, chat: bool, event, arrived: float):
-    """The SSE chunks of a streamed reply, from the first event on."""
+    """The SSE chunks of a streamed reply, from the first event on; a failure ends it with an error chunk."""
+    try:
+      async for chunk in self._chunks(job, run, chat, event, arrived):
+        yield chunk
+    except Exception as e:  # pylint: disable=broad-except
+      run.cancel()
+      yield sse(server_error(f"internal error: {type(e).__name__}: {e}").body())
+      yield b"data: [DONE]\n\n"
+
+  async def _chunks(self, job: Job, run: EngineRun, chat: bool, event, arrived: float):
     from dmax_jax.serving import BlockEvent  # pylint: disable=import-outside-toplevel
 
     head = {"id": _new_id(chat), "object": "chat.completion.chunk" if chat else "text_completion",
@@ -898,13 +907,14 @@ def serve_parser() -> argparse.ArgumentParser:
   p.add_argument("--strategy", default="spd", choices=tuple(decoding.STRATEGIES), help="default strategy (spd)")
   p.add_argument("--threshold", type=float, default=None,
                  help="default threshold of --strategy (default: 0.5 spd, 0.95 threshold)")
-  p.add_argument("--k", type=int, default=None, help="low_confidence: tokens committed per step (default: its own)")
+  p.add_argument("--k", type=int, default=6, help="low_confidence: tokens committed per step (default 6)")
   p.add_argument("--confidence-stop", type=float, default=0.9, help="SPD: stop a block when all tokens reach this")
   p.add_argument("--gen-length", type=int, default=256, help="max_tokens of requests that give none (default 256)")
   p.add_argument("--block-length", type=int, default=32, help="block length K (default 32)")
   p.add_argument("--temperature", type=float, default=0.0, help="temperature of requests that give none (0 = greedy)")
   p.add_argument("--seed", type=int, default=0, help="sampling seed of requests that give none (default 0)")
-  p.add_argument("--dtype", default="float32", choices=sorted(runner.DTYPES), help="params and compute dtype")
+  p.add_argument("--dtype", default="float32", choices=sorted(runner.DTYPES),
+                 help="params and compute dtype (float64: JAX's x64 mode for the whole process, for exactness checks)")
   p.add_argument("--kernels", default="auto", choices=("auto",) + tuple(runner.KERNELS),
                  help="MoE and attention kernels: pallas (GPU decoding kernels), xla; auto (default): pallas on a GPU")
   p.add_argument("--max-slots", type=int, default=8, help="requests decoded at once (default 8)")
@@ -929,8 +939,8 @@ def _check_args(args):
       raise runner.UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
   if args.window is not None and args.window <= 0:
     raise runner.UsageError(f"--window must be positive, got {args.window}")
-  if args.k is not None and args.k <= 0:
-    raise runner.UsageError(f"--k must be positive, got {args.k}")
+  if args.k < 1:
+    raise runner.UsageError(f"--k must be >= 1, got {args.k}")
   if not 0.0 <= args.confidence_stop <= 1.0:
     raise runner.UsageError(f"--confidence-stop must lie in [0, 1], got {args.confidence_stop}")
   if not 0.0 <= args.temperature <= 2.0:
@@ -947,23 +957,15 @@ def _check_args(args):
 
 def strategy_templates(default: str, threshold: Optional[float], confidence_stop: float, temperature: float,
                        k: Optional[int] = None) -> dict:
-  """One strategy per registry name, built from the command line (``threshold`` for ``default`` only; each
-  request's threshold replaces it)."""
+  """One strategy per registry name, built from the command line like decode.py's (``threshold`` for ``default``
+  only: the others keep their own; a request's threshold replaces it)."""
   from dmax_jax import decoding  # pylint: disable=import-outside-toplevel
   from dmax_jax.apps import runner  # pylint: disable=import-outside-toplevel
 
   if threshold is not None and not 0.0 <= threshold <= 1.0:
     raise runner.UsageError(f"--threshold must lie in [0, 1], got {threshold}")
-  out = {}
-  for name in decoding.STRATEGIES:
-    s = decoding.make(name, threshold=threshold if name == default else None, confidence_stop=confidence_stop,
-                      temperature=temperature, k=k)
-    try:
-      s.check()
-    except ValueError as e:
-      raise runner.UsageError(f"--strategy {name}: {e}") from None
-    out[name] = s
-  return out
+  return {name: runner.make_strategy(name, threshold if name == default else None, confidence_stop, temperature, k)
+          for name in decoding.STRATEGIES}
 
 
 def parse_mesh(text: str):
