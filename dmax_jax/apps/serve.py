@@ -290,6 +290,7 @@ class Metrics:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram  # pylint: disable=import-outside-toplevel
 
     self.registry = CollectorRegistry()
+    self._tokens = self._nfe = 0
     r = self.registry
     self.requests = Counter("dmax_requests", "HTTP requests answered, by endpoint and status",
                             ["endpoint", "status"], registry=r)
@@ -304,9 +305,16 @@ class Metrics:
     tpf.set_function(self._tpf)
     r.register(_EngineCollector(engine))
 
+  def finished(self, seconds: float, tokens: int, nfe: int):
+    """A request that ended well: its latency, tokens and forwards."""
+    self.latency.observe(seconds)
+    self.completion_tokens.inc(tokens)
+    self.request_nfe.inc(nfe)
+    self._tokens += tokens
+    self._nfe += nfe
+
   def _tpf(self) -> float:
-    nfe = self.request_nfe._value.get()  # pylint: disable=protected-access
-    return self.completion_tokens._value.get() / nfe if nfe else 0.0  # pylint: disable=protected-access
+    return self._tokens / self._nfe if self._nfe else 0.0
 
   def text(self) -> bytes:
     from prometheus_client import generate_latest  # pylint: disable=import-outside-toplevel
@@ -577,9 +585,7 @@ class Service:
     return {"prompt_tokens": n, "completion_tokens": tokens, "total_tokens": n + tokens, "nfe": nfe}
 
   def finished(self, arrived: float, tokens: int, nfe: int):
-    self.metrics.latency.observe(time.perf_counter() - arrived)
-    self.metrics.completion_tokens.inc(tokens)
-    self.metrics.request_nfe.inc(nfe)
+    self.metrics.finished(time.perf_counter() - arrived, tokens, nfe)
 
   @staticmethod
   def failure(event) -> Optional[ApiError]:
@@ -917,6 +923,18 @@ def serve_parser() -> argparse.ArgumentParser:
                  help="params and compute dtype (float64: JAX's x64 mode for the whole process, for exactness checks)")
   p.add_argument("--kernels", default="auto", choices=("auto",) + tuple(runner.KERNELS),
                  help="MoE and attention kernels: pallas (GPU decoding kernels), xla; auto (default): pallas on a GPU")
+  p.add_argument("--moe-backends", default="auto",
+                 help="the MoE backend by slot bucket, e.g. 1:pallas,32:grouped (buckets of 32 slots and more run "
+                      "grouped); auto (default): with the Pallas kernels, grouped from 32 slots up where tokamax is "
+                      "installed (BENCHMARKS.md), else the --kernels backend everywhere")
+  p.add_argument("--steps-per-launch", type=int, default=8,
+                 help="device steps between two looks at the queue when no block commits (default 8)")
+  p.add_argument("--random-weights", action="store_true",
+                 help="benchmarks only: random weights of the checkpoint's config.json (its tokenizer) instead of its "
+                      "weights")
+  p.add_argument("--routing", default="learned", choices=("learned", "uniform"),
+                 help="benchmarks only: uniform = uniform random top-k experts per token (as a trained router "
+                      "touches), with --random-weights")
   p.add_argument("--max-slots", type=int, default=8, help="requests decoded at once (default 8)")
   p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 429 (default 256)")
   p.add_argument("--window", type=int, default=None,
@@ -939,6 +957,8 @@ def _check_args(args):
       raise runner.UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
   if args.window is not None and args.window <= 0:
     raise runner.UsageError(f"--window must be positive, got {args.window}")
+  if args.steps_per_launch < 1:
+    raise runner.UsageError(f"--steps-per-launch must be positive, got {args.steps_per_launch}")
   if args.k < 1:
     raise runner.UsageError(f"--k must be >= 1, got {args.k}")
   if not 0.0 <= args.confidence_stop <= 1.0:
@@ -966,6 +986,24 @@ def strategy_templates(default: str, threshold: Optional[float], confidence_stop
     raise runner.UsageError(f"--threshold must lie in [0, 1], got {threshold}")
   return {name: runner.make_strategy(name, threshold if name == default else None, confidence_stop, temperature, k)
           for name in decoding.STRATEGIES}
+
+
+def moe_backends(text: str, config) -> tuple:
+  """``--moe-backends``: ((fewest slots, backend), ...) for ``EngineConfig.moe_backends``."""
+  from dmax_jax.apps import runner  # pylint: disable=import-outside-toplevel
+  from dmax_jax.model import moe  # pylint: disable=import-outside-toplevel
+  from dmax_jax.model.config import MOE_BACKENDS  # pylint: disable=import-outside-toplevel
+
+  if text == "auto":
+    large = config.moe_backend == "pallas" and moe.tokamax_module() is not None
+    return ((32, "grouped"),) if large else ()
+  out = []
+  for part in text.split(","):
+    size, _, backend = part.partition(":")
+    if not size.strip().isdigit() or int(size) < 1 or backend not in MOE_BACKENDS:
+      raise runner.UsageError(f"--moe-backends: {part!r} is not SLOTS:BACKEND (backends: {', '.join(MOE_BACKENDS)})")
+    out.append((int(size), backend))
+  return tuple(out)
 
 
 def parse_mesh(text: str):
@@ -1009,7 +1047,12 @@ def _serve(args) -> int:
   sock = listen(args.host, args.port)  # before the model loads: a taken port fails at once
   name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
   say(f"loading {args.checkpoint} ({args.dtype})")
-  config, params, tokenizer = runner.load_model(args.checkpoint, args.dtype, args.kernels)
+  if args.random_weights:
+    from dmax_jax.apps.random_model import random_model  # pylint: disable=import-outside-toplevel
+
+    config, params, tokenizer = random_model(args.checkpoint, args.dtype, args.kernels, args.routing)
+  else:
+    config, params, tokenizer = runner.load_model(args.checkpoint, args.dtype, args.kernels)
   try:
     tokenizer.render_chat([{"role": "user", "content": "hi"}])
   except TemplateRaised:
@@ -1023,7 +1066,8 @@ def _serve(args) -> int:
       raise runner.UsageError(f"--mesh {args.mesh}: {e}") from None
   try:
     engine = Engine(params, config, strategies, config=EngineConfig(
-        block_length=args.block_length, max_slots=args.max_slots, max_queue=args.max_queue, window=args.window))
+        block_length=args.block_length, max_slots=args.max_slots, max_queue=args.max_queue, window=args.window,
+        steps_per_launch=args.steps_per_launch, moe_backends=moe_backends(args.moe_backends, config)))
   except ValueError as e:
     raise runner.UsageError(str(e)) from None
   say(f"compiling for {args.max_slots} slots, blocks of {args.block_length}, window {engine.window} "
