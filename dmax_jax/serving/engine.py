@@ -185,8 +185,8 @@ class Engine:
     self._thread: Optional[threading.Thread] = None
     self._state = None
     self.counters = collections.Counter()
-    self.launch_seconds = 0.0  # device time spent in launches (host waits included)
-    self.host_seconds = 0.0  # scheduler time outside launches while work was pending
+    self.launch_seconds = 0.0  # time from a launch's call to its results on the host (the device's work)
+    self.host_seconds = 0.0  # the scheduler's time per launch, the launch included: host work = the difference
 
   # ---------------------------------------------------------------- start-up
 
@@ -283,7 +283,8 @@ class Engine:
       return {"queue_depth": len(self._queue), "running": running, "slots": self.engine_config.max_slots,
               "requests_total": self.counters["requests_total"], "forwards_total": self.counters["forwards"],
               "tokens_total": self.counters["tokens"], "launches_total": self.counters["launches"],
-              "steps_total": self.counters["steps"]}
+              "steps_total": self.counters["steps"], "launch_seconds_total": self.launch_seconds,
+              "scheduler_seconds_total": self.host_seconds}
 
   def shutdown(self, cancel: bool = False, timeout: Optional[float] = None) -> None:
     """Admits nothing more; finishes (or, with ``cancel``, cancels) every request; stops the thread."""
