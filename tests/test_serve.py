@@ -185,6 +185,13 @@ def test_stop_strings_cut_the_text_and_free_the_slot(client, tokenizer, engine):
   assert wait_idle(engine)
 
 
+def test_max_tokens_defaults_to_gen_length_cut_to_the_window(client):
+  assert client.completions.create(model=MODEL, prompt="hello").usage.completion_tokens <= 16  # --gen-length
+  ids = list(range(1, WINDOW - 3))  # room for 4 tokens
+  out = client.completions.create(model=MODEL, prompt=ids, extra_body={"return_token_ids": True})
+  assert out.usage.prompt_tokens == len(ids) and 1 <= out.usage.completion_tokens <= 4
+
+
 def test_models_and_health(client, url):
   assert [m.id for m in client.models.list().data] == [MODEL]
   assert client.models.retrieve(MODEL).id == MODEL
@@ -411,6 +418,36 @@ def test_a_request_failing_in_the_engine_is_500_and_others_go_on(engine, tokeniz
     stop()
 
 
+def test_a_request_failing_in_the_real_engine_is_500_and_others_go_on(url, engine, tokenizer, monkeypatch):
+  """The engine's own failure path: planning a marked request's slot raises in the engine's thread."""
+  mark = tokenizer.encode("fox")[0]
+  plan = engine._plan  # pylint: disable=protected-access
+
+  def failing(h):
+    if mark in h.ids:
+      raise RuntimeError("injected in the engine")
+    return plan(h)
+
+  monkeypatch.setattr(engine, "_plan", failing)
+  results = {}
+
+  def post(name, prompt, **kw):
+    results[name] = httpx.post(url + "/v1/completions", json={**OK, "prompt": prompt, "max_tokens": 24, **kw},
+                               timeout=30)
+
+  threads = [threading.Thread(target=post, args=("bad", "fox fox")), threading.Thread(target=post, args=("good", "hi")),
+             threading.Thread(target=post, args=("bad_stream", "fox"), kwargs={"stream": True})]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  for name in ("bad", "bad_stream"):
+    err = _error(results[name], 500, None, "engine_error")
+    assert "injected in the engine" in err["message"]
+  assert results["good"].status_code == 200 and results["good"].json()["usage"]["completion_tokens"] >= 1
+  assert wait_idle(engine)
+
+
 def test_a_stream_failing_after_its_first_block_ends_with_an_error_chunk(engine, tokenizer):
   mark = tokenizer.encode("fox")[0]
   url, stop = serve_fixtures.serve_app(create_app(_Faulty(engine, mark, late=True), tokenizer, model_name=MODEL))
@@ -507,11 +544,12 @@ def test_bad_flags_are_one_line_and_exit_2(ckpt, capsys, flags, message):
 
 def test_unreadable_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
   assert serve.serve_main(["--checkpoint", str(tmp_path / "none"), "--port", "0"]) == 2
-  *_, line = capsys.readouterr().err.strip().splitlines()
-  assert line == f"error: {tmp_path / 'none'}: no such checkpoint directory"
+  assert capsys.readouterr().err.strip().splitlines() == [f"error: {tmp_path / 'none'}: no such checkpoint directory"]
 
 
 def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_0(sigterm_server):
+  """SIGTERM: new requests get 503 while the admitted ones finish; a second SIGTERM cancels what is left (as the
+  end of --shutdown-grace does: their replies are 503 "cancelled"); the process exits 0."""
   proc = sigterm_server
   deadline = time.monotonic() + 240
   lines = []
@@ -521,29 +559,39 @@ def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_0(sigterm_
     lines.append(line)
     if line.startswith("serving "):
       break
+  assert lines[0].startswith("compiling for 1 slots, blocks of 8, window 64"), lines
   assert lines[-1].startswith("serving sub on http://127.0.0.1:") and "(slots 1, window 64)" in lines[-1], lines
   url = lines[-1].split(" on ")[1].split(" ")[0]
-  replies = [None] * 8  # one slot: they run one after another, about 0.3 s each
+  replies = []  # one slot: the requests run one after another, about 0.2 s each (on an idle machine)
 
-  def post(i):
-    replies[i] = httpx.post(url + "/v1/completions", json={**LONG, "model": "sub"}, timeout=60)
+  def post():
+    replies.append(httpx.post(url + "/v1/completions", json={**LONG, "model": "sub"}, timeout=60))
 
-  threads = [threading.Thread(target=post, args=(i,)) for i in range(len(replies))]
+  threads = [threading.Thread(target=post) for _ in range(12)]
   for t in threads:
     t.start()
-  deadline = time.monotonic() + 10
-  while httpx.get(url + "/health").json()["queue_depth"] < 4 and time.monotonic() < deadline:
+  deadline = time.monotonic() + 30
+  while httpx.get(url + "/health").json()["queue_depth"] < 6:
+    assert time.monotonic() < deadline, "the requests did not queue up"
     time.sleep(0.01)
   proc.send_signal(signal.SIGTERM)
-  time.sleep(0.1)
+  while (health := httpx.get(url + "/health")).status_code == 200:  # until the signal is seen
+    assert time.monotonic() < deadline, "SIGTERM was not seen"
+    time.sleep(0.005)
   refused = httpx.post(url + "/v1/completions", json={**OK, "model": "sub"})
-  health = httpx.get(url + "/health")
+  while sum(r.status_code == 200 for r in replies) < 2:
+    assert time.monotonic() < deadline, "nothing finished after SIGTERM"
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGTERM)
   for t in threads:
     t.join()
   _error(refused, 503, None, "shutting_down")
   assert health.status_code == 503 and health.json()["status"] == "shutting_down"
-  assert [r.status_code for r in replies] == [200] * len(replies)
-  assert all(r.json()["choices"][0]["finish_reason"] == "length" for r in replies)
+  done = [r for r in replies if r.status_code == 200]
+  assert len(done) >= 2 and all(r.json()["choices"][0]["finish_reason"] == "length" for r in done)
+  cancelled = [r for r in replies if r.status_code != 200 and r.json()["error"]["code"] == "cancelled"]
+  assert cancelled and all(_error(r, 503, None, "cancelled") for r in cancelled)
+  late = [r for r in replies if r not in done and r not in cancelled]  # sent after the first SIGTERM
+  assert all(_error(r, 503, None, "shutting_down") for r in late)
   assert proc.wait(60) == 0
-  tail = proc.stderr.read().strip().splitlines()
-  assert tail[-1] == "stopped", tail
+  assert proc.stderr.read().strip().splitlines()[-1] == "stopped"

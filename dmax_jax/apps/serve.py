@@ -400,7 +400,7 @@ class EngineRun:
       raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down") from None
 
   async def next(self, request=None, poll_s: float = 0.1):
-    """The next event; with ``request``, cancels the run when its client goes away (CancelledError)."""
+    """The next event; with ``request``, cancels the run when its client goes away (raising ClientGone)."""
     from dmax_jax.serving import FinishEvent  # pylint: disable=import-outside-toplevel
 
     while True:
@@ -1046,7 +1046,6 @@ def _serve(args) -> int:
   mesh = parse_mesh(args.mesh) if args.mesh else None
   sock = listen(args.host, args.port)  # before the model loads: a taken port fails at once
   name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
-  say(f"loading {args.checkpoint} ({args.dtype})")
   if args.random_weights:
     from dmax_jax.apps.random_model import random_model  # pylint: disable=import-outside-toplevel
 
