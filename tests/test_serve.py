@@ -388,12 +388,12 @@ class _Faulty:
     return object()
 
   def cancel(self, handle):
-    if isinstance(handle, object) and type(handle) is object:  # pylint: disable=unidiomatic-typecheck
-      return
-    self._engine.cancel(handle)
+    if type(handle) is not object:  # pylint: disable=unidiomatic-typecheck  (object(): a failing request's handle)
+      self._engine.cancel(handle)
 
 
-def test_a_request_failing_in_the_engine_is_500_and_others_go_on(engine, tokenizer, client):
+def test_a_request_failing_in_the_engine_is_500_and_others_go_on(engine, tokenizer):
+  """The app's side: an error FinishEvent (before any block) is a 500, streaming or not."""
   mark = tokenizer.encode("fox")[0]
   url, stop = serve_fixtures.serve_app(create_app(_Faulty(engine, mark), tokenizer, model_name=MODEL))
   try:
@@ -461,7 +461,7 @@ def test_a_stream_failing_after_its_first_block_ends_with_an_error_chunk(engine,
     stop()
 
 
-def test_an_app_failure_is_500_for_that_request_only(engine, tokenizer, monkeypatch, client):
+def test_an_app_failure_is_500_for_that_request_only(engine, tokenizer):
   class Broken:
     def __getattr__(self, name):
       return getattr(tokenizer, name)

@@ -26,8 +26,9 @@ cuts the text before it (finish_reason "stop"), ends the engine request, and ``c
 ``token_ids`` count the tokens up to the one that completed it. Streams send one chunk per committed block
 (its text delta; text that could still be the start of a stop string, or an incomplete UTF-8 character, is
 held back to a later chunk), a final chunk with the finish_reason and ``nfe``, a usage chunk (``choices``
-empty) when ``stream_options.include_usage`` is true, then ``data: [DONE]``. A failure after the first block
-was sent arrives as a ``data: {"error": ...}`` chunk before ``[DONE]``.
+empty) when ``stream_options.include_usage`` is true, then ``data: [DONE]``. A stream's status line goes out
+with its first block, so a request that fails before it gets a plain error reply (500); a failure after it
+arrives as a ``data: {"error": ...}`` chunk before ``[DONE]``.
 
 Errors are ``{"error": {"message", "type", "param", "code"}}``: 400 bad request, 401 missing or wrong key
 (``Authorization: Bearer KEY``), 404 unknown model or path, 429 queue full (``Retry-After``), 500 a failure
@@ -48,7 +49,7 @@ import socket
 import sys
 import time
 import uuid
-from typing import Any, Callable, Literal, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 MAX_STOPS = 4
 RETRY_AFTER_S = 1
