@@ -253,6 +253,8 @@ class Engine:
       raise RequestError(f"threshold must lie in [0, 1], got {threshold}", "threshold")
     if not temperature >= 0:
       raise RequestError(f"temperature must be >= 0, got {temperature}", "temperature")
+    if not 0 <= int(seed) < 2**32:  # jax.random.key keeps 32 bits of a seed without x64
+      raise RequestError(f"seed must lie in [0, 2**32), got {seed}", "seed")
     ids = [int(t) for t in prompt_ids]
     problem = self.problem(ids, max_tokens)
     if problem:

@@ -135,12 +135,11 @@ def _kernel(layer_ref, q_ref, *refs, block_q, block_s, splits, group_size, preci
   Several: writes the split's normalised output (fp32) and its log-sum-exp,
   which ``_combine`` merges.
   """
-  if indirect:  # the cache row each query row reads: ``q_ref`` is the cache rows' table, the queries follow
-    rows_ref, q_ref, refs = q_ref, refs[0], refs[1:]
+  rows_ref, q_ref, refs = (q_ref, refs[0], refs[1:]) if indirect else (None, q_ref, refs)  # rows' table first
   norm_ref, rot_refs, refs = _prep_refs(refs, prep)
   k_ref, v_ref, mask_ref, *out_refs = refs
   b, h, i, c = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
-  kb = rows_ref[b] if indirect else b
+  kb = rows_ref[b] if indirect else b  # the cache row this query row reads
   g = h // group_size
   layer = layer_ref[0]
   R = k_ref.shape[-1]
