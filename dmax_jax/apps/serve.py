@@ -340,6 +340,14 @@ class _EngineCollector:
     yield CounterMetricFamily("dmax_generated_tokens", "tokens the engine generated (cancelled requests too)",
                               value=s["tokens_total"])
     yield CounterMetricFamily("dmax_forwards", "decoding forwards the engine ran", value=s["forwards_total"])
+    yield CounterMetricFamily("dmax_engine_launches", "device launches (each runs steps until a block commits)",
+                              value=s["launches_total"])
+    yield CounterMetricFamily("dmax_engine_steps", "device steps (one forward of every busy slot each)",
+                              value=s["steps_total"])
+    yield CounterMetricFamily("dmax_engine_launch_seconds", "time from a launch's call to its results on the host",
+                              value=s["launch_seconds_total"])
+    yield CounterMetricFamily("dmax_engine_scheduler_seconds", "the scheduler's time, launches included (the "
+                              "difference is host work)", value=s["scheduler_seconds_total"])
 
 
 class _CountRequests:
