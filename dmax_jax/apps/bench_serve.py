@@ -216,8 +216,6 @@ def static_worker(spec_path: str, out_path: str) -> int:
       config, params, tokenizer = random_model(s["checkpoint"], s["dtype"], s["kernels"], s["routing"] or "uniform")
     else:
       config, params, tokenizer = runner.load_model(s["checkpoint"], s["dtype"], s["kernels"])
-      if s["routing"]:
-        config = dataclasses.replace(config, routing=s["routing"])
     strategy = runner.make_strategy(s["strategy"], s["threshold"], s["confidence_stop"], 0.0, s["k"])
     requests = [runner.Request(r["id"], f"request {r['id']}", "", r["ids"]) for r in spec["requests"]]
     gen_length = max(r["max_tokens"] for r in spec["requests"])
@@ -292,6 +290,8 @@ def make_plan(args, server_extra) -> Plan:
     raise BenchError(f"--min-tokens {args.min_tokens} exceeds --max-tokens {args.max_tokens}")
   if args.requests is not None and args.requests <= 0:
     raise BenchError(f"--requests must be positive, got {args.requests}")
+  if args.routing and not args.random_weights:
+    raise BenchError("--routing goes with --random-weights (a checkpoint's weights route with its router)")
   if args.compare_eval and not args.data:
     raise BenchError("--compare-eval needs --data (the questions the evaluation decoded)")
   if args.compare_eval and args.mixed:
@@ -429,8 +429,6 @@ def server_flags(plan: Plan, port: int) -> list:
     flags += ["--k", str(a.k)]
   if a.random_weights:
     flags += ["--random-weights", "--routing", a.routing or "uniform"]
-  elif a.routing:
-    flags += ["--routing", a.routing]
   return flags + plan.server_extra
 
 
@@ -785,7 +783,7 @@ def parser() -> argparse.ArgumentParser:
   d.add_argument("--random-weights", action="store_true",
                  help="params drawn from the checkpoint's config.json (serve.py --random-weights; random_model)")
   d.add_argument("--routing", default=None, choices=("learned", "uniform"),
-                 help="MoE routing (default: uniform with --random-weights, else the checkpoint's router)")
+                 help="with --random-weights: the MoE routing (default uniform: random top-k, as bench_decode)")
   s = p.add_argument_group("server")
   s.add_argument("--max-slots", type=int, default=None, help="serve.py --max-slots (default: the largest level)")
   s.add_argument("--window", type=int, default=None,
