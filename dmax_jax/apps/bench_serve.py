@@ -822,7 +822,7 @@ def bench(argv: Sequence[str]) -> int:
   try:
     import httpx  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
-    raise BenchError("bench_serve needs httpx (with the serve extra: pip install -e '.[serve]')") from None
+    raise BenchError("bench_serve needs httpx: pip install httpx (the test extra has it)") from None
   plan = make_plan(args, server_extra)
   state = State(args.json, fingerprint(plan.settings()), args.fresh)
   state.summary.update(command=shlex.join(["python", "tools/bench_serve.py", *argv]), settings=plan.settings(),
