@@ -98,9 +98,9 @@ class EngineConfig:
   moe_backends: tuple = ()  # ((fewest slots, moe_backend), ...): the MoE backend of buckets from that size up
 
   def rows(self, B: int) -> tuple:
-    """Extra-row counts compiled for a slot bucket of B: a quarter of B (the blocks committed at a step,
-    rewritten) and max(8, B) (prompt blocks too); or ``row_buckets``."""
-    return tuple(sorted(set(self.row_buckets or (max(1, B // 4), max(8, B)))))
+    """Extra-row counts compiled for a slot bucket of B: a quarter and a half of B (the blocks committed at a
+    step, rewritten, and a few prompt blocks) and max(8, B) (many prompt blocks); or ``row_buckets``."""
+    return tuple(sorted(set(self.row_buckets or (max(1, B // 4), max(2, B // 2), max(8, B)))))
 
   def backend(self, B: int, default: str) -> str:
     chosen = [b for n, b in sorted(self.moe_backends) if n <= B]
