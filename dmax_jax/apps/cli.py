@@ -22,20 +22,26 @@ from dmax_jax.checkpoints.hf import CheckpointError
 from dmax_jax.tokenizer import TokenizerError
 
 
-def add_decoding_args(p: argparse.ArgumentParser):
-  """Flags of every tool that decodes: checkpoint, lengths, batch, dtype, SPD's stop rule, low_confidence's k."""
+def add_model_args(p: argparse.ArgumentParser):
+  """The flags ``decode.py``, ``tools/evaluate.py`` and ``serve.py`` share, with one meaning and default: checkpoint,
+  block length, SPD's stop rule, low_confidence's k, dtype, kernels."""
   p.add_argument("--checkpoint", required=True, help="converted checkpoint or Hugging Face directory (with tokenizer)")
-  p.add_argument("--gen-length", type=int, default=256, help="tokens to generate per prompt (default 256)")
   p.add_argument("--block-length", type=int, default=32, help="block length K (default 32)")
-  p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
   p.add_argument("--confidence-stop", type=float, default=0.9, help="SPD: stop a block when all tokens reach this")
   p.add_argument("--k", type=int, default=6, help="low_confidence: tokens committed per step (default 6)")
-  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-  p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
   p.add_argument("--dtype", default="float32", choices=sorted(runner.DTYPES),
                  help="params and compute dtype (float64: JAX's x64 mode, for exactness checks on a CPU)")
   p.add_argument("--kernels", default="auto", choices=("auto",) + tuple(runner.KERNELS),
                  help="MoE and attention kernels: pallas (GPU decoding kernels), xla; auto (default): pallas on a GPU")
+
+
+def add_decoding_args(p: argparse.ArgumentParser):
+  """Flags of every tool that decodes in batches: ``add_model_args``, lengths, batch, sampling, progress."""
+  add_model_args(p)
+  p.add_argument("--gen-length", type=int, default=256, help="tokens to generate per prompt (default 256)")
+  p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+  p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

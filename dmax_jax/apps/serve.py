@@ -910,28 +910,21 @@ async def serve_forever(server, sock: socket.socket, service: Service, engine, *
 
 def serve_parser() -> argparse.ArgumentParser:
   from dmax_jax import decoding  # pylint: disable=import-outside-toplevel
-  from dmax_jax.apps import runner  # pylint: disable=import-outside-toplevel
+  from dmax_jax.apps import cli  # pylint: disable=import-outside-toplevel
 
   p = argparse.ArgumentParser(
       prog="serve.py", description="An OpenAI-compatible server (/v1/completions, /v1/chat/completions) decoding "
       "with continuous batching over slots, one block at a time.",
       epilog="Requests may set the DMax fields \"strategy\" and \"threshold\" (defaults below) and "
              "\"return_token_ids\". SIGTERM: stop admitting, finish running requests, exit 0.")
-  p.add_argument("--checkpoint", required=True, help="converted checkpoint or Hugging Face directory (with tokenizer)")
+  cli.add_model_args(p)
   p.add_argument("--model-name", default=None, help="the served model's name (default: the checkpoint folder's name)")
   p.add_argument("--strategy", default="spd", choices=tuple(decoding.STRATEGIES), help="default strategy (spd)")
   p.add_argument("--threshold", type=float, default=None,
                  help="default threshold of --strategy (default: 0.5 spd, 0.95 threshold)")
-  p.add_argument("--k", type=int, default=6, help="low_confidence: tokens committed per step (default 6)")
-  p.add_argument("--confidence-stop", type=float, default=0.9, help="SPD: stop a block when all tokens reach this")
   p.add_argument("--gen-length", type=int, default=256, help="max_tokens of requests that give none (default 256)")
-  p.add_argument("--block-length", type=int, default=32, help="block length K (default 32)")
   p.add_argument("--temperature", type=float, default=0.0, help="temperature of requests that give none (0 = greedy)")
   p.add_argument("--seed", type=int, default=0, help="sampling seed of requests that give none (default 0)")
-  p.add_argument("--dtype", default="float32", choices=sorted(runner.DTYPES),
-                 help="params and compute dtype (float64: JAX's x64 mode for the whole process, for exactness checks)")
-  p.add_argument("--kernels", default="auto", choices=("auto",) + tuple(runner.KERNELS),
-                 help="MoE and attention kernels: pallas (GPU decoding kernels), xla; auto (default): pallas on a GPU")
   p.add_argument("--moe-backends", default="auto",
                  help="the MoE backend by slot bucket, e.g. 1:pallas,32:grouped (buckets of 32 slots and more run "
                       "grouped); auto (default): with the Pallas kernels, grouped from 32 slots up where tokamax is "
