@@ -929,6 +929,8 @@ def serve_parser() -> argparse.ArgumentParser:
                  help="the MoE backend by slot bucket, e.g. 1:pallas,32:grouped (buckets of 32 slots and more run "
                       "grouped); auto (default): with the Pallas kernels, grouped from 32 slots up where tokamax is "
                       "installed (BENCHMARKS.md), else the --kernels backend everywhere")
+  p.add_argument("--slot-buckets", default=None,
+                 help="slot counts compiled, e.g. 1,8,64 (default: powers of 4 below --max-slots, and --max-slots)")
   p.add_argument("--steps-per-launch", type=int, default=8,
                  help="device steps between two looks at the queue when no block commits (default 8)")
   p.add_argument("--random-weights", action="store_true",
@@ -988,6 +990,21 @@ def strategy_templates(default: str, threshold: Optional[float], confidence_stop
     raise runner.UsageError(f"--threshold must lie in [0, 1], got {threshold}")
   return {name: runner.make_strategy(name, threshold if name == default else None, confidence_stop, temperature, k)
           for name in decoding.STRATEGIES}
+
+
+def slot_counts(text: Optional[str], max_slots: int) -> Optional[tuple]:
+  """``--slot-buckets``: increasing positive counts ending at ``max_slots`` (None: the engine's default)."""
+  from dmax_jax.apps import runner  # pylint: disable=import-outside-toplevel
+
+  if text is None:
+    return None
+  try:
+    counts = tuple(sorted({int(t) for t in text.split(",")}))
+  except ValueError:
+    counts = ()
+  if not counts or counts[0] < 1 or counts[-1] != max_slots:
+    raise runner.UsageError(f"--slot-buckets {text}: positive slot counts, the largest --max-slots ({max_slots})")
+  return counts
 
 
 def moe_backends(text: str, config) -> tuple:
@@ -1068,7 +1085,8 @@ def _serve(args) -> int:
   try:
     engine = Engine(params, config, strategies, config=EngineConfig(
         block_length=args.block_length, max_slots=args.max_slots, max_queue=args.max_queue, window=args.window,
-        steps_per_launch=args.steps_per_launch, moe_backends=moe_backends(args.moe_backends, config)))
+        steps_per_launch=args.steps_per_launch, moe_backends=moe_backends(args.moe_backends, config),
+        slot_buckets=slot_counts(args.slot_buckets, args.max_slots)))
   except ValueError as e:
     raise runner.UsageError(str(e)) from None
   say(f"compiling for {args.max_slots} slots, blocks of {args.block_length}, window {engine.window} "
