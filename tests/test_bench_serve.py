@@ -426,3 +426,17 @@ def test_forward_phase_reads_bench_decodes_json(tmp_path, monkeypatch):
   assert {"--no-spd", "--no-prefill"} <= set(cmd) and cmd[cmd.index("--routing") + 1] == "uniform"
   got = state.summary["forward"]["8"]
   assert got["forward_s"] == 0.025 and got["backend"] == "grouped" and len(got["rows"]) == 2
+
+
+def test_engine_rates_from_the_first_and_last_samples_in_the_window():
+  """Host ms per launch = (scheduler - launch seconds) / launches between the window's first and last samples."""
+  samples = [(0.5, 1, 0, (0.0, 0.0, 0.0, 0.0)),  # before the window: ignored
+             (1.0, 2, 0, (10.0, 40.0, 0.20, 0.23)),
+             (2.0, 2, 0, (20.0, 70.0, 0.50, 0.54)),
+             (3.0, 2, 0, (30.0, 100.0, 0.80, 0.86)),
+             (4.0, 2, 0, (99.0, 999.0, 9.0, 9.9))]  # after it: ignored
+  r = loadgen.engine_rates(samples, 1.0, 3.0)
+  assert r["steps_per_launch"] == pytest.approx(60 / 20)
+  assert r["device_ms_per_step"] == pytest.approx(1000 * 0.60 / 60)
+  assert r["host_ms_per_launch"] == pytest.approx(1000 * (0.63 - 0.60) / 20)
+  assert loadgen.engine_rates(samples[:2], 1.0, 3.0) == {}  # one sample: no rate

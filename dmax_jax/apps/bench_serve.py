@@ -474,6 +474,9 @@ def run_server_phase(plan: Plan, state: State) -> None:
       if "output_tok_s" in summary:
         say(f"level c={c}: {summary['output_tok_s']:.1f} output tok/s, TPF {summary['tpf']:.2f}, "
             f"TTFB p50 {summary['ttfb_p50']:.3f} s, e2e p50 {summary['e2e_p50']:.3f} s")
+      if "host_ms_per_launch" in summary:
+        say(f"level c={c}: engine {summary['steps_per_launch']:.2f} steps a launch, device "
+            f"{summary['device_ms_per_step']:.2f} ms a step, host {summary['host_ms_per_launch']:.2f} ms a launch")
       state.put("server", c, summary, [response_row(q, r) for q, r in zip(requests, responses)])
 
 

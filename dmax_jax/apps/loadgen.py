@@ -36,6 +36,9 @@ import numpy as np
 SYNTHETIC = dict(mean=75.0, sd=24.0, low=32, high=224)
 METRIC_RUNNING = "dmax_running_slots"  # serve.py's gauge of slots holding a request
 METRIC_QUEUE = "dmax_queue_depth"
+# serve.py's engine counters: host work per launch = scheduler - launch seconds over launches
+ENGINE_COUNTERS = ("dmax_engine_launches_total", "dmax_engine_steps_total", "dmax_engine_launch_seconds_total",
+                   "dmax_engine_scheduler_seconds_total")
 
 
 @dataclasses.dataclass
@@ -306,7 +309,8 @@ def parse_metric(text: str, name: str) -> Optional[float]:
 
 async def sample_metrics(client, base_url: str, headers: dict, samples: list, stop: asyncio.Event,
                          every_s: float) -> None:
-  """Appends (perf_counter, running slots, queue depth) from ``/metrics`` every ``every_s`` until ``stop``."""
+  """Appends (perf_counter, running slots, queue depth, engine counters) from ``/metrics`` every ``every_s`` until
+  ``stop``."""
   import httpx  # pylint: disable=import-outside-toplevel
 
   while not stop.is_set():
@@ -314,7 +318,8 @@ async def sample_metrics(client, base_url: str, headers: dict, samples: list, st
       resp = await client.get(f"{base_url}/metrics", headers=headers)
       if resp.status_code == 200:
         samples.append((time.perf_counter(), parse_metric(resp.text, METRIC_RUNNING),
-                        parse_metric(resp.text, METRIC_QUEUE)))
+                        parse_metric(resp.text, METRIC_QUEUE),
+                        tuple(parse_metric(resp.text, name) for name in ENGINE_COUNTERS)))
     except httpx.HTTPError:
       pass
     try:
@@ -365,6 +370,17 @@ def run_level(*args, **kwargs) -> tuple[list[Response], list]:
   return asyncio.run(run_level_async(*args, **kwargs))
 
 
+def engine_rates(samples: Sequence, begin: float, end: float) -> dict:
+  """From the engine counters of the first and last ``/metrics`` samples in [begin, end]: steps per launch, the
+  device's ms per step (launch seconds over steps) and the host's ms per launch (scheduler less launch seconds)."""
+  inside = [s[3] for s in samples if begin <= s[0] <= end and len(s) > 3 and None not in s[3]]
+  if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+    return {}
+  launches, steps, launch_s, sched_s = (b - a for a, b in zip(inside[0], inside[-1]))
+  return dict(steps_per_launch=steps / launches, device_ms_per_step=1000 * launch_s / max(steps, 1),
+              host_ms_per_launch=1000 * (sched_s - launch_s) / launches)
+
+
 def summarize(requests: Sequence[Request], responses: Sequence[Response], samples: Sequence,
               concurrency: int) -> dict:
   """One level's figures: output tokens/s and requests/s over the wall from the first send to the last finish,
@@ -389,6 +405,7 @@ def summarize(requests: Sequence[Request], responses: Sequence[Response], sample
              e2e_p99=percentile(e2e, 99), ttfb_mean=float(np.mean(ttfb)) if ttfb else float("nan"),
              e2e_mean=float(np.mean(e2e)), occupancy=float(np.mean(running)) if running else None,
              occupancy_samples=len(running),
+             **engine_rates(samples, begin, end),
              mean_max_tokens=float(np.mean([q.max_tokens for q in requests])),
              hit_max_tokens=sum(r.num_tokens >= q.max_tokens for q, r in zip(requests, responses) if r.ok))
   return out
