@@ -942,7 +942,7 @@ def serve_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-slots", type=int, default=8, help="requests decoded at once (default 8)")
   p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 429 (default 256)")
   p.add_argument("--window", type=int, default=None,
-                 help="prompt + max_tokens a request may use, in tokens (default: the model's positions)")
+                 help="prompt + max_tokens a request may use, in tokens (default: 2048 less one block, at most the model's positions)")
   p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
   p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one)")
   p.add_argument("--api-key", default=os.environ.get("DMAX_API_KEY"),
