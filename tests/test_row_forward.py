@@ -10,7 +10,7 @@ import pytest
 
 from dmax_jax.model import transformer
 
-K, S = 4, 24  # block length, cache positions per slot
+K, S = 4, 32  # block length, cache positions per slot (a multiple of 16: the Pallas kernel's compiled case)
 
 
 def _alone(params, cfg, tokens_L, block):
@@ -64,6 +64,10 @@ def test_row_forward_equals_each_sequence_alone(tiny):
 def test_row_forward_pallas_attention_close_to_xla_gpu(tiny):
   """On a GPU the rows attend through the Pallas kernel (each row's slot read in place): close to XLA's in float32."""
   cfg, params = tiny
+  from dmax_jax.model.kernels import attention_pallas  # pylint: disable=import-outside-toplevel
+
+  q = jnp.zeros((1, K, cfg.num_attention_heads, cfg.head_dim), jnp.float32)
+  assert attention_pallas.supported(q, jnp.zeros((1, 1, S, cfg.num_key_value_heads, cfg.head_dim)))  # not XLA's
   rng = np.random.default_rng(1)
   seqs = [rng.integers(0, 500, S).tolist() for _ in range(3)]
   outs = {a: _rows_forward(params, dataclasses.replace(cfg, attention=a), seqs, [2, 0, 4], extra=[(1, 3)])
