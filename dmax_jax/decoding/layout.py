@@ -32,20 +32,24 @@ class Layout(NamedTuple):
     return (self.first_block + self.num_blocks) * self.block_length
 
 
-def prompt_problem(prompt: Sequence[int], gen_length: int, block_length: int, cfg: ModelConfig) -> Optional[str]:
+def prompt_problem(prompt: Sequence[int], gen_length: int, block_length: int, cfg: ModelConfig,
+                   window: Optional[int] = None) -> Optional[str]:
   """Why ``prompt`` cannot be decoded with these settings, or None.
 
   The canvas is the prompt plus ``gen_length`` rounded up to whole blocks; it
-  must fit the model's positions.
+  must fit the model's positions, or ``window`` positions when given (a
+  serving engine's, at most the model's).
   """
   if len(prompt) == 0:
     return "no tokens"
   if any((t < 0 or t >= cfg.vocab_size) for t in prompt):
     return f"token ids outside [0, {cfg.vocab_size})"
   canvas = -(-(len(prompt) + gen_length) // block_length) * block_length
-  if canvas > cfg.max_position_embeddings:
+  limit = (f"the model's max_position_embeddings {cfg.max_position_embeddings}" if window is None else
+           f"the window of {window} positions")
+  if canvas > (cfg.max_position_embeddings if window is None else window):
     return (f"prompt of {len(prompt)} tokens + gen length {gen_length} (canvas of {canvas} in blocks of "
-            f"{block_length}) exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
+            f"{block_length}) exceeds {limit}")
   return None
 
 

@@ -84,9 +84,9 @@ class FinishEvent:
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
   """How the engine is laid out. ``window``: positions a request may use (prompt plus ``max_tokens`` in whole
-  blocks; None = ``DEFAULT_CACHE_LENGTH`` less one block, at most the model's ``max_position_embeddings``). ``slot_buckets``: slot counts a launch may run (None =
-  powers of 4 up to ``max_slots``, and ``max_slots``). ``steps_per_launch``: at most this many steps run between
-  two looks at the queue when no block commits."""
+  blocks; None = ``DEFAULT_CACHE_LENGTH`` less one block, at most the model's ``max_position_embeddings``).
+  ``slot_buckets``: slot counts a launch may run (None = powers of 4 up to ``max_slots``, and ``max_slots``).
+  ``steps_per_launch``: at most this many steps run between two looks at the queue when no block commits."""
 
   block_length: int = 32
   max_slots: int = 8
@@ -146,14 +146,13 @@ class Engine:
   def __init__(self, params, model_config: ModelConfig, strategies: dict, *, config: Optional[EngineConfig] = None):
     ec = config or EngineConfig()
     self.params, self.config, self.engine_config = params, model_config, ec
-    config = model_config
     K = ec.block_length
     if K <= 0:
       raise ValueError(f"block_length must be positive, got {K}")
     if ec.max_slots <= 0 or ec.max_queue < 0 or ec.steps_per_launch <= 0:
       raise ValueError("max_slots and steps_per_launch must be positive, max_queue >= 0")
     window = DEFAULT_CACHE_LENGTH - K if ec.window is None else ec.window  # the cache: window + one padding block
-    window = min(window, config.max_position_embeddings) // K * K
+    window = min(window, model_config.max_position_embeddings) // K * K
     if window < K:
       raise ValueError(f"a window of {window} positions holds no block of {K}")
     self.window = window
@@ -205,14 +204,14 @@ class Engine:
                      donate_argnums=(2,), compiler_options=transformer.DECODE_COMPILER_OPTIONS)
         lowered[(B, R)] = fn.lower(params, self._templates, st, rows, jax.ShapeDtypeStruct((shape.slots,), bool),
                                    jax.ShapeDtypeStruct((), jnp.int32))
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(lowered), os.cpu_count() or 1))) as pool:
-      self._programs = dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
-    S, real = shape.length, self._real
     scalar = lambda dt: jax.ShapeDtypeStruct((), dt)
     admit = jax.jit(lambda p, st, *a: slots_lib.admit(p, cfg, shape, st, *a), donate_argnums=(1,))
-    self._admit = admit.lower(params, st, scalar(jnp.int32), jax.ShapeDtypeStruct((S,), jnp.int32),
-                              scalar(jnp.int32), scalar(jnp.int32), scalar(jnp.int32), scalar(real),
-                              scalar(jnp.float32), jax.eval_shape(lambda: jax.random.key(0))).compile()
+    lowered["admit"] = admit.lower(params, st, scalar(jnp.int32), jax.ShapeDtypeStruct((shape.length,), jnp.int32),
+                                   scalar(jnp.int32), scalar(jnp.int32), scalar(jnp.int32), scalar(self._real),
+                                   scalar(jnp.float32), jax.eval_shape(lambda: jax.random.key(0)))
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(lowered), os.cpu_count() or 1))) as pool:
+      self._programs = dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
+    self._admit = self._programs.pop("admit")
 
   def start(self) -> "Engine":
     """Compiles every program (blocking), allocates the state and starts the scheduler thread."""
@@ -225,18 +224,10 @@ class Engine:
   # ---------------------------------------------------------------- requests
 
   def problem(self, prompt_ids: Sequence[int], max_tokens: int) -> Optional[str]:
-    """Why this request cannot run here, or None."""
+    """Why this request cannot run here (the prompt's ids, or its canvas past the window), or None."""
     if max_tokens <= 0:
       return f"max_tokens must be positive, got {max_tokens}"
-    problem = prompt_problem(prompt_ids, max_tokens, self.shape.block_length, self.config)
-    if problem and "exceeds" not in problem:
-      return problem
-    K = self.shape.block_length
-    canvas = -(-(len(prompt_ids) + max_tokens) // K) * K
-    if canvas > self.window:
-      return (f"prompt of {len(prompt_ids)} tokens + max_tokens {max_tokens} (canvas of {canvas} in blocks of {K}) "
-              f"exceeds the window of {self.window} positions")
-    return None
+    return prompt_problem(prompt_ids, max_tokens, self.shape.block_length, self.config, window=self.window)
 
   def submit(self, prompt_ids: Sequence[int], *, max_tokens: int, strategy: str, threshold: Optional[float] = None,
              temperature: float = 0.0, seed: int = 0, on_event: Callable = lambda e: None) -> Handle:
@@ -257,8 +248,8 @@ class Engine:
       raise RequestError(f"seed must lie in [0, 2**32), got {seed}", "seed")
     ids = [int(t) for t in prompt_ids]
     problem = self.problem(ids, max_tokens)
-    if problem:
-      raise RequestError(problem, "max_tokens" if "max_tokens" in problem else "prompt")
+    if problem:  # the prompt's fault if it cannot run with a single token to generate
+      raise RequestError(problem, "prompt" if self.problem(ids, 1) else "max_tokens")
     h = Handle(ids=ids, max_tokens=int(max_tokens), kind=self.strategy_names.index(strategy),
                threshold=float(threshold or 0.0), temperature=float(temperature), seed=int(seed), on_event=on_event)
     with self._lock:

@@ -99,14 +99,14 @@ def init_state(params, cfg: ModelConfig, shape: Shape) -> SlotState:
   """Every slot free; the cache zeroed."""
   M, K, S = shape.slots, shape.block_length, shape.length
   real = emb_dtype(params)
-  zeros = lambda dims, dtype: jnp.zeros(dims, dtype)
   return SlotState(
       cache=transformer.init_cache(cfg, M + 1, S), canvas=jnp.full((M, S), cfg.eos_token_id, jnp.int32),
-      cur=jnp.ones((M,), jnp.int32), last=jnp.ones((M,), jnp.int32), x=zeros((M, K), jnp.int32),
-      active=zeros((M, K), bool), emb=zeros((M, K, cfg.hidden_size), real), steps=zeros((M,), jnp.int32),
-      nfe=zeros((M,), jnp.int32), running=zeros((M,), bool), advance=zeros((M,), bool),
-      rng=jax.random.split(jax.random.key(0), M), kind=zeros((M,), jnp.int32),
-      threshold=zeros((M,), jnp.result_type(float)), temperature=zeros((M,), jnp.float32))
+      cur=jnp.ones((M,), jnp.int32), last=jnp.ones((M,), jnp.int32), x=jnp.zeros((M, K), jnp.int32),
+      active=jnp.zeros((M, K), bool), emb=jnp.zeros((M, K, cfg.hidden_size), real),
+      steps=jnp.zeros((M,), jnp.int32),
+      nfe=jnp.zeros((M,), jnp.int32), running=jnp.zeros((M,), bool), advance=jnp.zeros((M,), bool),
+      rng=jax.random.split(jax.random.key(0), M), kind=jnp.zeros((M,), jnp.int32),
+      threshold=jnp.zeros((M,), jnp.result_type(float)), temperature=jnp.zeros((M,), jnp.float32))
 
 
 # ---------------------------------------------------------------- admission
@@ -178,7 +178,7 @@ def _by_kind(kind_B, values: Sequence[jax.Array]):
 def _per_row(strategy: Strategy, threshold_B):
   """The strategy with the rows' thresholds ([B, 1]) where it has one."""
   if any(f.name == "threshold" for f in dataclasses.fields(strategy)):
-    return dataclasses.replace(strategy, threshold=threshold_B[:, None].astype(jnp.asarray(strategy.threshold).dtype))
+    return dataclasses.replace(strategy, threshold=threshold_B[:, None])  # the state's and templates' real dtype
   return strategy
 
 
