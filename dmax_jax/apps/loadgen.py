@@ -145,17 +145,10 @@ def arrival_times(n: int, rate: float, seed: int) -> np.ndarray:
 # ---------------------------------------------------------------- statistics
 
 def percentile(xs: Sequence[float], q: float) -> float:
-  """The q-th percentile (0..100) with linear interpolation between order statistics (numpy's default); nan for
-  no data."""
+  """``numpy.percentile`` (linear interpolation), nan for no data."""
   if not 0 <= q <= 100:
     raise ValueError(f"a percentile lies in [0, 100], got {q}")
-  s = sorted(xs)
-  if not s:
-    return float("nan")
-  pos = q / 100 * (len(s) - 1)
-  lo = math.floor(pos)
-  hi = min(lo + 1, len(s) - 1)
-  return float(s[lo] + (s[hi] - s[lo]) * (pos - lo))
+  return float(np.percentile(xs, q)) if len(xs) else float("nan")
 
 
 # ---------------------------------------------------------------- server-sent events
