@@ -45,16 +45,27 @@ def add_decoding_args(p: argparse.ArgumentParser):
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def check_decoding_args(args):
-  for flag in ("gen_length", "block_length", "batch_size"):
+def check_positive(args, *flags: str):
+  """UsageError for the first of ``flags`` (argparse names) that is not positive."""
+  for flag in flags:
     if getattr(args, flag) <= 0:
       raise runner.UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+
+
+def check_model_args(args):
+  """``add_model_args``' checks: a positive block length, a confidence stop in [0, 1], k >= 1."""
+  check_positive(args, "block_length")
   if not 0.0 <= args.confidence_stop <= 1.0:
     raise runner.UsageError(f"--confidence-stop must lie in [0, 1], got {args.confidence_stop}")
-  if args.temperature < 0:
-    raise runner.UsageError(f"--temperature must be >= 0, got {args.temperature}")
   if args.k < 1:
     raise runner.UsageError(f"--k must be >= 1, got {args.k}")
+
+
+def check_decoding_args(args):
+  check_positive(args, "gen_length", "batch_size")
+  check_model_args(args)
+  if args.temperature < 0:
+    raise runner.UsageError(f"--temperature must be >= 0, got {args.temperature}")
 
 
 def run_cli(body: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,

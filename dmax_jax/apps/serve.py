@@ -954,19 +954,12 @@ def serve_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args):
-  from dmax_jax.apps import runner  # pylint: disable=import-outside-toplevel
+  from dmax_jax.apps import cli, runner  # pylint: disable=import-outside-toplevel
 
-  for flag in ("gen_length", "block_length", "max_slots", "max_queue"):
-    if getattr(args, flag) <= 0:
-      raise runner.UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+  cli.check_positive(args, "gen_length", "max_slots", "max_queue", "steps_per_launch")
+  cli.check_model_args(args)
   if args.window is not None and args.window <= 0:
     raise runner.UsageError(f"--window must be positive, got {args.window}")
-  if args.steps_per_launch < 1:
-    raise runner.UsageError(f"--steps-per-launch must be positive, got {args.steps_per_launch}")
-  if args.k < 1:
-    raise runner.UsageError(f"--k must be >= 1, got {args.k}")
-  if not 0.0 <= args.confidence_stop <= 1.0:
-    raise runner.UsageError(f"--confidence-stop must lie in [0, 1], got {args.confidence_stop}")
   if not 0.0 <= args.temperature <= 2.0:
     raise runner.UsageError(f"--temperature must lie in [0, 2], got {args.temperature}")
   if not 0 <= args.seed < 2**32:
